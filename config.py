@@ -1,0 +1,105 @@
+"""Every setting of the pipeline, as plain Python values, in one place.
+
+The values below are the paper's (Kossen et al. 2022). Edit them here to change an experiment.
+A preset (a small Python file in presets/) overrides some of them; choose one with the environment
+variable DPGAN_PRESET (for example `DPGAN_PRESET=demo`). Paths come from DPGAN_DATA_DIR and
+DPGAN_WORK_DIR, relative to the current directory unless absolute.
+"""
+
+import math
+import os
+from pathlib import Path
+
+PRESET = os.environ.get("DPGAN_PRESET", "").strip() or "paper"
+DATA_DIR = Path(os.environ.get("DPGAN_DATA_DIR", "data"))
+WORK_DIR = Path(os.environ.get("DPGAN_WORK_DIR", "work"))
+
+# ---- Data (SPEC "Data"): DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz ----
+SPLITS = ("train", "val", "test", "test2")
+N_PATIENTS = {"train": 41, "val": 11, "test": 14, "test2": 65}
+PATIENT_IDS = None  # None: "<split>_<index>", the phantoms' ids; give a dict of lists for real scans
+VOLUME_SHAPE = (312, 384, 127)  # voxels of the phantoms, x y z (z axial)
+VOXEL_SPACING = (0.5, 0.5, 0.7)  # mm
+PHANTOM_SEED = 2022
+
+# ---- Patch extraction (step 1) ----
+PATCH_SIZE = 96
+PATCHES_PER_PATIENT = 1000
+VESSEL_PATCHES_PER_PATIENT = 500  # centred on a vessel voxel; the rest on a brain-mask voxel
+PATCH_SEED = 42
+
+# ---- DP-WGAN (step 2), the defaults of run_gan.py's flags ----
+LATENT_DIM = 128
+NGF = 96
+NDF = 96
+KG = 4
+KD = 4
+STRG = 2
+STRD = 2
+PADG = 1
+OPG = 0
+UPSAMPLING = False
+BATCH_SIZE = 32
+N_DISCR = 5
+EPOCHS = 50
+LRD = 5e-5
+LRG = 5e-5
+MAX_NORM_DP = 1.0
+CLIP_PARAM_W = 0.01
+NOISE_MULTIPLIER = 1.0
+NOISE_MULTIPLIERS = (math.inf, 2, 1.5, 1.2, 1, 0.8, 0.725, 0.65)  # the paper's grid
+GAN_SEEDS = (12, 13, 14, 15, 16)  # 5 GANs per noise multiplier
+GAN_SEED = 12
+DP_MODE = "strict"  # "strict": valid accounting; "paper": the authors' loop (see SPEC)
+DELTA = None  # None: 1 / number of training patches
+DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # RDP orders (Opacus/paper)
+GRAD_SAMPLE_MODE = "hooks"  # Opacus per-sample gradient engine
+
+# ---- Synthesis (step 3) ----
+THRESH = 0.8
+NR_E_SKIPPED = 5  # --epoch 9999: the epoch of minimum generator loss after skipping these
+GENERATION_BATCH = 500
+
+# ---- U-Net (step 4), Livne et al. 2019 half U-Net ----
+UNET_KERNELS = (32, 64, 128, 256, 512)
+UNET_EPOCHS = 15
+UNET_BATCH_SIZE = 64
+UNET_LEARNING_RATES = (1e-4, 8e-5)
+UNET_DROPOUTS = (0.0, 0.1)
+UNET_AUGMENTATION = (True, False)
+AUG_ROTATION_DEG = 30
+AUG_SHEAR_DEG = 20
+AUG_VERTICAL_FLIP = True
+UNET_SEED = 7
+
+# ---- Evaluation (step 5) ----
+PREDICTION_THRESHOLD = 0.5
+PREDICTION_BATCH = 64
+N_SSIM_IMAGES = 1000
+N_TSNE_IMAGES = 500  # per group
+TSNE_PERPLEXITY = 30
+FID_BATCH = 50
+FID_WEIGHTS = None  # None: pytorch-fid's usual file in torch's hub cache (see README)
+EVAL_SEED = 3
+
+
+def _apply_preset(name):
+    path = Path(__file__).resolve().parent / "presets" / f"{name}.py"
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.py"))
+        raise SystemExit(f"DPGAN_PRESET={name!r}: no file {path} (available: {', '.join(available)})")
+    values = {}
+    exec(compile(path.read_text(), str(path), "exec"), {"math": math}, values)
+    for key, value in values.items():
+        if key.startswith("_") or not key.isupper():
+            continue
+        if key not in globals():
+            raise SystemExit(f"preset {path}: {key} is not a setting of config.py (a typo?)")
+        globals()[key] = value
+
+
+if PRESET != "paper":
+    _apply_preset(PRESET)
+
+if PATIENT_IDS is None:
+    PATIENT_IDS = {s: [f"{s}_{i:03d}" for i in range(N_PATIENTS[s])] for s in SPLITS}

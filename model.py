@@ -1,0 +1,134 @@
+"""The networks: DP-WGAN generator and critic (Kossen et al. 2022) and the half U-Net (Livne et al. 2019).
+
+Self-contained: depends on torch only.
+"""
+
+import torch
+from torch import nn
+
+PATCH = 96  # the generator's output and the critic's input are 2 x 96 x 96
+INIT_STD = 0.05
+
+
+def _group_norm(channels):
+    # The authors trained with BatchNorm, which Opacus replaced by GroupNorm(min(32, C), C).
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def transposed_output_size(size, kernel, stride, padding, output_padding):
+    return (size - 1) * stride - 2 * padding + kernel + output_padding
+
+
+def generator_sizes(kg, strg, padg, opg):
+    """Spatial sizes after each of the six transposed convolutions, starting from 1 x 1."""
+    sizes = [transposed_output_size(1, kg, 2, 1, 5 - kg)]
+    for _ in range(5):
+        sizes.append(transposed_output_size(sizes[-1], kg, strg, padg, opg))
+    return sizes
+
+
+def critic_sizes(kd, strd, size=PATCH):
+    sizes = []
+    for _ in range(5):
+        size = (size + 2 * strd - kd) // strd + 1
+        sizes.append(size)
+    sizes.append((size + 2 - kd) // strd + 1)
+    return sizes
+
+
+class Generator(nn.Module):
+    """z (latent_dim x 1 x 1) -> tanh image-label pair (2 x 96 x 96)."""
+
+    def __init__(self, ngf=96, kg=4, strg=2, padg=1, opg=0, latent_dim=128, upsampling=False):
+        super().__init__()
+        self.latent_dim = latent_dim
+        channels = [16 * ngf, 8 * ngf, 4 * ngf, 2 * ngf, ngf]
+        if upsampling:
+            self.stem = nn.Sequential(
+                nn.Flatten(), nn.Linear(latent_dim, channels[0] * 9, bias=False),
+                nn.Unflatten(1, (channels[0], 3, 3)), _group_norm(channels[0]), nn.ReLU(True))
+            layers = []
+            for c_in, c_out in zip(channels, channels[1:] + [2]):
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 5, 1, 2, bias=False)]
+                layers += [_group_norm(c_out), nn.ReLU(True)] if c_out != 2 else [nn.Tanh()]
+            self.body = nn.Sequential(*layers)
+        else:
+            if not 2 <= kg <= 5:
+                raise ValueError(f"kg={kg}: the first layer must map 1 x 1 to 3 x 3, which needs 2 <= kg <= 5")
+            sizes = generator_sizes(kg, strg, padg, opg)
+            if sizes != [3, 6, 12, 24, 48, PATCH]:
+                raise ValueError(
+                    f"kg={kg} strg={strg} padg={padg} opg={opg} give sizes {sizes}, not 3, 6, ..., {PATCH}")
+            self.stem = nn.Sequential(
+                nn.ConvTranspose2d(latent_dim, channels[0], kg, 2, 1, 5 - kg, bias=False),
+                _group_norm(channels[0]), nn.ReLU(True))
+            layers = []
+            for c_in, c_out in zip(channels, channels[1:] + [2]):
+                layers.append(nn.ConvTranspose2d(c_in, c_out, kg, strg, padg, opg, bias=False))
+                layers += [_group_norm(c_out), nn.ReLU(True)] if c_out != 2 else [nn.Tanh()]
+            self.body = nn.Sequential(*layers)
+        init_weights(self)
+
+    def forward(self, z):
+        return self.body(self.stem(z.view(z.shape[0], self.latent_dim, 1, 1)))
+
+
+class Discriminator(nn.Module):
+    """WGAN critic: 2 x 96 x 96 -> one score per sample (the mean of its 1 x 2 x 2 outputs)."""
+
+    def __init__(self, ndf=96, kd=4, strd=2):
+        super().__init__()
+        sizes = critic_sizes(kd, strd)
+        if min(sizes) < 1:
+            raise ValueError(f"kd={kd} strd={strd}: the critic's feature maps shrink to nothing ({sizes})")
+        channels = [2, ndf, 2 * ndf, 4 * ndf, 8 * ndf, 16 * ndf]
+        layers = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, kd, strd, strd, bias=False),
+                       nn.InstanceNorm2d(c_out, affine=False), nn.LeakyReLU(0.2, inplace=True)]
+        layers.append(nn.Conv2d(channels[-1], 1, kd, strd, 1, bias=False))
+        self.main = nn.Sequential(*layers)
+        init_weights(self)
+
+    def forward(self, x):
+        return self.main(x).mean(dim=(1, 2, 3))
+
+
+def init_weights(module):
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, INIT_STD)
+
+
+class UNet(nn.Module):
+    """Half U-Net: two 3x3 ReLU convolutions per level with dropout between, 2x2 max-pool down,
+    nearest 2x upsampling and concatenation up, 1x1 convolution and sigmoid: probabilities."""
+
+    def __init__(self, kernels=(32, 64, 128, 256, 512), dropout=0.0, in_channels=1):
+        super().__init__()
+        self.down = nn.ModuleList()
+        c_in = in_channels
+        for k in kernels:
+            self.down.append(self._level(c_in, k, dropout))
+            c_in = k
+        self.up = nn.ModuleList(self._level(kernels[i + 1] + kernels[i], kernels[i], dropout)
+                                for i in reversed(range(len(kernels) - 1)))
+        self.pool = nn.MaxPool2d(2)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(kernels[0], 1, 1)
+
+    @staticmethod
+    def _level(c_in, c_out, dropout):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(True), nn.Dropout(dropout),
+                             nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(True))
+
+    def forward(self, x):
+        skips = []
+        for i, level in enumerate(self.down):
+            x = level(x)
+            if i < len(self.down) - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for level, skip in zip(self.up, reversed(skips)):
+            x = level(torch.cat([self.upsample(x), skip], dim=1))
+        return torch.sigmoid(self.head(x))

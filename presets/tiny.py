@@ -1,0 +1,21 @@
+# For tests: seconds, not minutes. Small volumes, few patients, small networks.
+N_PATIENTS = {"train": 2, "val": 1, "test": 1, "test2": 1}
+VOLUME_SHAPE = (128, 128, 16)
+PATCHES_PER_PATIENT = 40
+VESSEL_PATCHES_PER_PATIENT = 20
+NGF = 8
+NDF = 8
+BATCH_SIZE = 8
+N_DISCR = 2
+EPOCHS = 2
+UNET_KERNELS = (4, 8, 16, 32, 64)
+UNET_EPOCHS = 1
+UNET_BATCH_SIZE = 8
+UNET_LEARNING_RATES = (1e-3,)
+UNET_DROPOUTS = (0.0,)
+UNET_AUGMENTATION = (True, False)
+NR_E_SKIPPED = 0
+GENERATION_BATCH = 16
+N_SSIM_IMAGES = 20
+N_TSNE_IMAGES = 20
+TSNE_PERPLEXITY = 5

@@ -1,0 +1,185 @@
+"""Helpers every script shares: clear errors, atomic writes, paths, scaling, devices."""
+
+import functools
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import config
+
+
+class PipelineError(Exception):
+    """A problem with the user's input or files; scripts print its message and exit with code 2."""
+
+
+def script_main(main):
+    """Run a script's main(); a PipelineError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def print_setup(script):
+    print(f"[{script}] preset: {config.PRESET} | data: {config.DATA_DIR} | work: {config.WORK_DIR}", flush=True)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path) and move the result to path, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_npz(path, **arrays):
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
+            f.write("\n")
+
+    return atomic_write(path, write)
+
+
+def save_torch(path, obj):
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_figure(path, fig):
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def load_npz(path, keys, what="file"):
+    """Load an npz and check it holds `keys`; a clear error names the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise PipelineError(f"{what} {path} lacks the arrays {missing} (it has {data.files})")
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as err:
+        raise PipelineError(f"{what} {path} cannot be read as an npz file: {err}") from None
+
+
+def refuse_existing(path, flag="--overwrite"):
+    if Path(path).exists():
+        raise PipelineError(f"{path} exists already; pass {flag} to replace it (nothing was written)")
+
+
+def minmax_scale(x, low, high):
+    """Scale each patch (the last two axes) of x linearly to [low, high]; a flat patch becomes low."""
+    x = np.asarray(x, dtype=np.float32)
+    lo = x.min(axis=(-2, -1), keepdims=True)
+    span = x.max(axis=(-2, -1), keepdims=True) - lo
+    unit = np.divide(x - lo, span, out=np.zeros_like(x), where=span > 0)
+    return (low + (high - low) * unit).astype(np.float32)
+
+
+def resolve_device(name=None):
+    import torch
+
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name}: no CUDA device is available here")
+    return torch.device(name)
+
+
+def versions():
+    import opacus
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,
+            "numpy": np.__version__}
+
+
+def config_values():
+    """The upper-case settings of config.py as JSON-ready values, for writing next to results."""
+    return {k: _plain(v) for k, v in vars(config).items() if k.isupper()}
+
+
+def _plain(v):
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+# ---- paths of the pipeline's outputs, one definition each ----
+def patches_path(split="train"):
+    return config.WORK_DIR / "patches" / f"{split}_patches.npz"
+
+
+def gan_model_dir(trial):
+    return config.WORK_DIR / "models" / f"WGAN_{trial}"
+
+
+def gan_results_dir(trial):
+    return config.WORK_DIR / "results" / f"WGAN_{trial}"
+
+
+def synthetic_name(trial, epoch, thresh):
+    return f"DP_{trial}_{epoch}_{thresh}"
+
+
+def synthetic_path(trial, epoch, thresh):
+    return config.WORK_DIR / "synthetic" / f"gen_patches_{synthetic_name(trial, epoch, thresh)}.npz"
+
+
+def train_input_name(args):
+    """'real' for --real, else the synthetic set's name; used for U-Net and result folders."""
+    return "real" if getattr(args, "real", False) else synthetic_name(args.trial, args.epoch, args.thresh)
+
+
+def unet_dir(train_input):
+    return config.WORK_DIR / "unets" / train_input
+
+
+def results_stem(train_input):
+    return config.WORK_DIR / "results" / f"{train_input}_results"
