@@ -1,0 +1,112 @@
+import json
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+import config
+from utils import privacy
+
+PAPER = dict(epochs=29, batch_size=32, n_samples=41_000, n_discr=5)
+
+
+def opacus_epsilon(sigma, q, steps, delta):
+    rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=config.DP_ORDERS)
+    return opacus_rdp.get_privacy_spent(orders=config.DP_ORDERS, rdp=rdp, delta=delta)[0]
+
+
+def test_paper_mode_reproduces_the_papers_epsilon_and_the_valid_one():
+    result = privacy.gan_privacy(0.65, dp_mode="paper", **PAPER)
+    assert result["epsilon"] == pytest.approx(7.43, abs=0.01)  # the paper's number
+    assert result["epsilon_valid"] == pytest.approx(82, abs=1)  # SPEC: "about 82"
+    assert result["steps"] == 2 * 5 * 29 * round(41_000 / 32)
+    assert result["delta"] == pytest.approx(1 / 41_000)
+
+
+def test_strict_mode_equals_opacus_rdp_of_every_critic_step():
+    result = privacy.gan_privacy(0.65, dp_mode="strict", **PAPER)
+    steps = 29 * round(41_000 / 32) * 5
+    assert result["steps"] == steps
+    assert result["epsilon"] == result["epsilon_valid"]
+    assert result["epsilon"] == pytest.approx(opacus_epsilon(0.65, 32 / 41_000, steps, 1 / 41_000), rel=1e-12)
+
+
+def test_epsilon_from_history_matches_opacus_accountant_stepped_by_hand():
+    accountant = RDPAccountant()
+    for _ in range(300):
+        accountant.step(noise_multiplier=1.1, sample_rate=0.01)
+    for _ in range(200):
+        accountant.step(noise_multiplier=0.9, sample_rate=0.02)
+    expected = accountant.get_epsilon(delta=1e-5, alphas=config.DP_ORDERS)
+    assert privacy.epsilon_from_history(accountant.history, 1e-5) == pytest.approx(expected, rel=1e-12)
+
+
+def test_valid_paper_bound_is_one_gaussian_of_sigma_over_sqrt_k_per_update():
+    # k Gaussian releases on the same subsample compose to one with sigma / sqrt(k); the RDP of the
+    # unsampled (q = 1) case must therefore equal k times that of a single release exactly.
+    sigma, k = 1.3, 5
+    combined = opacus_rdp.compute_rdp(q=1.0, noise_multiplier=sigma / math.sqrt(k), steps=1, orders=[2, 8, 32])
+    single = opacus_rdp.compute_rdp(q=1.0, noise_multiplier=sigma, steps=k, orders=[2, 8, 32])
+    assert combined == pytest.approx(single)
+    assert privacy.valid_paper_history(sigma, 0.01, 100, k) == [(sigma / math.sqrt(k), 0.01, 100)]
+
+
+def test_more_noise_or_fewer_epochs_means_smaller_epsilon():
+    base = privacy.gan_privacy(1.0, **PAPER)["epsilon"]
+    assert privacy.gan_privacy(1.5, **PAPER)["epsilon"] < base
+    assert privacy.gan_privacy(1.0, **dict(PAPER, epochs=10))["epsilon"] < base
+
+
+def test_infinite_noise_is_a_non_private_run():
+    result = privacy.gan_privacy(math.inf, **PAPER)
+    assert result["epsilon"] == math.inf and result["epsilon_valid"] == math.inf
+    assert result["per_patient"]["meaningful"] is False
+
+
+@pytest.mark.parametrize("mode", privacy.DP_MODES)
+def test_target_epsilon_gives_a_noise_multiplier_whose_valid_epsilon_hits_it(mode):
+    sigma = privacy.noise_for_target_epsilon(8.0, dp_mode=mode, **PAPER)
+    achieved = privacy.gan_privacy(sigma, dp_mode=mode, **PAPER)["epsilon_valid"]
+    assert 7.9 < achieved <= 8.0
+
+
+def test_group_privacy_of_a_patient():
+    one = privacy.group_privacy(0.01, 1e-6, 10)
+    assert one["epsilon"] == pytest.approx(0.1)
+    assert one["delta"] == pytest.approx(10 * math.exp(9 * 0.01) * 1e-6)
+    assert one["meaningful"]
+    patient = privacy.group_privacy(7.4, 1 / 41_000, 1000)
+    assert patient == {"group_size": 1000, "epsilon": pytest.approx(7400), "delta": 1.0, "meaningful": False}
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(noisem=0), "--noisem"), (dict(noisem=-1), "--noisem"), (dict(batch_size=50_000), "--batch_size"),
+    (dict(n_discr=0), "--n_discr"), (dict(dp_mode="loose"), "--dp_mode"), (dict(delta=2.0), "--delta"),
+])
+def test_bad_settings_name_the_flag(kwargs, flag):
+    settings = dict(PAPER, noisem=1.0, dp_mode="strict", delta=None)
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=flag):
+        privacy.gan_privacy(**settings)
+
+
+def test_command_line_prints_one_json_object(capsys):
+    privacy.main(["--noisem", "0.65", "--epochs", "29", "--batch_size", "32", "--n_samples", "41000",
+                  "--n_discr", "5", "--dp_mode", "paper"])
+    out = json.loads(capsys.readouterr().out)
+    assert {"epsilon", "epsilon_valid", "steps", "sample_rate", "delta"} <= set(out)
+    assert out["epsilon"] == pytest.approx(7.43, abs=0.01)
+
+
+def test_command_line_target_epsilon(capsys):
+    privacy.main(["--target_epsilon", "5", "--epochs", "2", "--batch_size", "32", "--n_samples", "2000",
+                  "--n_discr", "5"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["target_epsilon"] == 5 and 4.9 < out["epsilon_valid"] <= 5
+
+
+def test_command_line_rejects_bad_noise(capsys):
+    with pytest.raises(SystemExit):
+        privacy.main(["--noisem", "0", "--n_samples", "100", "--batch_size", "10"])
+    assert "--noisem" in capsys.readouterr().err

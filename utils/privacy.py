@@ -1,0 +1,169 @@
+"""Privacy accounting of the DP-WGAN, always through Opacus's RDP accountant.
+
+Two mechanisms (SPEC, "DP-WGAN"):
+- strict: every critic iteration draws a fresh Poisson batch (rate q = batch / N) and takes one clipped,
+  noised step on it: epochs x steps_per_epoch x n_discr subsampled Gaussian steps with noise sigma.
+- paper: the authors' loop reuses one Poisson batch for the n_discr critic iterations of a generator update
+  and takes two noisy optimizer steps per iteration (real batch, fake batch). The authors counted
+  2 x n_discr independent subsampled Gaussian steps per generator update ("epsilon", the paper's number).
+  That is not a valid bound: the fake step costs nothing, but n_discr noisy releases of one subsample
+  compose to a single subsampled Gaussian with noise sigma / sqrt(n_discr) per generator update
+  ("epsilon_valid").
+
+Command line: python -m utils.privacy --noisem 0.65 --epochs 29 --batch_size 32 --n_samples 41000 \
+    --n_discr 5 --dp_mode paper   (or --target_epsilon T instead of --noisem)
+"""
+
+import argparse
+import json
+import math
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+import config
+
+DP_MODES = ("strict", "paper")
+
+
+def steps_per_epoch(n_samples, batch_size):
+    """Generator updates per epoch: round(N / batch), as the authors did."""
+    return max(1, round(n_samples / batch_size))
+
+
+def epsilon_from_history(history, delta):
+    """Epsilon of an RDP accountant history [(noise_multiplier, sample_rate, steps), ...] at delta."""
+    if not history:
+        return 0.0
+    if any(math.isinf(sigma) for sigma, _, _ in history):
+        raise ValueError("an infinite noise multiplier is a non-private run; it has no accountant history")
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    return accountant.get_epsilon(delta=delta, alphas=config.DP_ORDERS)
+
+
+def strict_history(noise_multiplier, sample_rate, generator_updates, n_discr):
+    return [(noise_multiplier, sample_rate, generator_updates * n_discr)]
+
+
+def paper_reported_history(noise_multiplier, sample_rate, generator_updates, n_discr):
+    """What the authors' accountant counted: two noisy steps (real, fake) per critic iteration."""
+    return [(noise_multiplier, sample_rate, 2 * generator_updates * n_discr)]
+
+
+def valid_paper_history(noise_multiplier, sample_rate, generator_updates, n_discr):
+    """A valid bound for the authors' loop: one subsampled Gaussian, sigma / sqrt(n_discr), per update."""
+    return [(noise_multiplier / math.sqrt(n_discr), sample_rate, generator_updates)]
+
+
+def check_settings(noisem=None, batch_size=None, n_samples=None, n_discr=None, dp_mode=None, delta=None,
+                   epochs=None):
+    """Raise ValueError naming the flag for settings no mechanism can run with."""
+    if noisem is not None and not noisem > 0:
+        raise ValueError(f"--noisem {noisem}: the noise multiplier must be > 0 (inf for a non-private run)")
+    if n_samples is not None and n_samples < 1:
+        raise ValueError(f"--n_samples {n_samples}: there must be at least one training patch")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch_size {batch_size}: must be at least 1")
+    if batch_size is not None and n_samples is not None and batch_size > n_samples:
+        raise ValueError(f"--batch_size {batch_size} is larger than the {n_samples} training patches")
+    if n_discr is not None and n_discr < 1:
+        raise ValueError(f"--n_discr {n_discr}: must be at least 1")
+    if dp_mode is not None and dp_mode not in DP_MODES:
+        raise ValueError(f"--dp_mode {dp_mode!r}: choose one of {', '.join(DP_MODES)}")
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"--delta {delta}: must lie in (0, 1)")
+    if epochs is not None and epochs < 0:
+        raise ValueError(f"--epochs {epochs}: must be >= 0")
+
+
+def gan_privacy(noisem, epochs, batch_size, n_samples, n_discr, dp_mode="strict", delta=None,
+                patches_per_patient=None):
+    """The (epsilon, delta) guarantee of a DP-WGAN run, per patch and per patient.
+
+    epochs may be fractional (a run stopped mid-epoch is described by its generator updates).
+    """
+    check_settings(noisem, batch_size, n_samples, n_discr, dp_mode, delta, epochs)
+    delta = delta if delta is not None else 1.0 / n_samples
+    sample_rate = batch_size / n_samples
+    updates = round(epochs * steps_per_epoch(n_samples, batch_size))
+    result = {"noise_multiplier": noisem, "dp_mode": dp_mode, "epochs": epochs, "batch_size": batch_size,
+              "n_samples": n_samples, "n_discr": n_discr, "sample_rate": sample_rate, "delta": delta,
+              "generator_updates": updates}
+    if math.isinf(noisem):
+        result.update(epsilon=math.inf, epsilon_valid=math.inf, steps=0)
+    elif dp_mode == "strict":
+        history = strict_history(noisem, sample_rate, updates, n_discr)
+        eps = epsilon_from_history(history, delta)
+        result.update(epsilon=eps, epsilon_valid=eps, steps=history[0][2])
+    else:
+        reported = paper_reported_history(noisem, sample_rate, updates, n_discr)
+        result.update(epsilon=epsilon_from_history(reported, delta),
+                      epsilon_valid=epsilon_from_history(valid_paper_history(noisem, sample_rate, updates, n_discr),
+                                                         delta),
+                      steps=reported[0][2])
+    group = patches_per_patient or config.PATCHES_PER_PATIENT
+    result["per_patient"] = group_privacy(result["epsilon_valid"], delta, group)
+    return result
+
+
+def noise_for_target_epsilon(target_epsilon, epochs, batch_size, n_samples, n_discr, dp_mode="strict",
+                             delta=None):
+    """The noise multiplier whose VALID epsilon reaches target_epsilon (Opacus's binary search)."""
+    check_settings(None, batch_size, n_samples, n_discr, dp_mode, delta, epochs)
+    if not target_epsilon > 0:
+        raise ValueError(f"--target_epsilon {target_epsilon}: must be > 0")
+    delta = delta if delta is not None else 1.0 / n_samples
+    updates = round(epochs * steps_per_epoch(n_samples, batch_size))
+    # strict: n_discr steps of sigma per update; paper (valid): one step of sigma / sqrt(n_discr) per update.
+    steps, scale = (updates * n_discr, 1.0) if dp_mode == "strict" else (updates, math.sqrt(n_discr))
+    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                 sample_rate=batch_size / n_samples, steps=steps, accountant="rdp",
+                                 epsilon_tolerance=0.005, alphas=config.DP_ORDERS)
+    return sigma * scale
+
+
+def group_privacy(epsilon, delta, group_size):
+    """(epsilon, delta)-DP for one sample gives (k eps, k e^((k-1) eps) delta) for a group of k samples.
+
+    A patient contributes group_size patches, so this is what the per-patch guarantee says about one
+    patient. It is usually vacuous (delta >= 1): the per-patch epsilon does not protect a whole patient.
+    """
+    k = int(group_size)
+    if math.isinf(epsilon):
+        return {"group_size": k, "epsilon": math.inf, "delta": 1.0, "meaningful": False}
+    log_delta = math.log(k) + (k - 1) * epsilon + math.log(delta)
+    group_delta = 1.0 if log_delta >= 0 else math.exp(log_delta)
+    return {"group_size": k, "epsilon": k * epsilon, "delta": group_delta, "meaningful": group_delta < 1.0}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m utils.privacy", description=__doc__.split("\n\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--noisem", type=float, help="noise multiplier (inf: non-private)")
+    which.add_argument("--target_epsilon", type=float, help="find the noise multiplier reaching this valid epsilon")
+    p.add_argument("--epochs", type=float, default=config.EPOCHS)
+    p.add_argument("--batch_size", type=int, default=config.BATCH_SIZE)
+    p.add_argument("--n_samples", type=int, default=config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT)
+    p.add_argument("--n_discr", type=int, default=config.N_DISCR)
+    p.add_argument("--dp_mode", default=config.DP_MODE, choices=DP_MODES)
+    p.add_argument("--delta", type=float, default=config.DELTA, help="default: 1 / n_samples")
+    p.add_argument("--patches_per_patient", type=int, default=config.PATCHES_PER_PATIENT)
+    args = p.parse_args(argv)
+    try:
+        noisem = args.noisem
+        if args.target_epsilon is not None:
+            noisem = noise_for_target_epsilon(args.target_epsilon, args.epochs, args.batch_size, args.n_samples,
+                                              args.n_discr, args.dp_mode, args.delta)
+        result = gan_privacy(noisem, args.epochs, args.batch_size, args.n_samples, args.n_discr, args.dp_mode,
+                             args.delta, args.patches_per_patient)
+    except ValueError as err:
+        p.error(str(err))
+    if args.target_epsilon is not None:
+        result["target_epsilon"] = args.target_epsilon
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
