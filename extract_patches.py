@@ -1,0 +1,42 @@
+"""Step 1: draw 2-D axial patches (half vessel-centred, half brain-centred) from every patient of a split.
+
+Writes WORK_DIR/patches/<split>_patches.npz (img, label, patient, centre) and a montage PNG beside it.
+Example: python extract_patches.py --split train
+"""
+
+import argparse
+
+import config
+from utils.common import patches_path, print_setup, refuse_existing, save_figure, save_npz, script_main
+from utils.patches import extract_split, montage_figure, montage_path
+
+
+@script_main
+def main(argv=None):
+    print_setup("extract_patches.py")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="train", help="which split's patients (default train)")
+    parser.add_argument("--seed", type=int, default=config.PATCH_SEED, help="seed of the centre draws")
+    parser.add_argument("--n_per_patient", type=int, default=config.PATCHES_PER_PATIENT,
+                        help="patches per patient (default config.PATCHES_PER_PATIENT)")
+    parser.add_argument("--n_vessel", type=int, default=config.VESSEL_PATCHES_PER_PATIENT,
+                        help="of these, centred on a vessel voxel (default config.VESSEL_PATCHES_PER_PATIENT)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    args = parser.parse_args(argv)
+
+    out_path = patches_path(args.split)
+    montage_file = montage_path(args.split)
+    if not args.overwrite:
+        refuse_existing(out_path)
+        refuse_existing(montage_file)
+
+    patches = extract_split(args.split, args.seed, args.n_per_patient, args.n_vessel)
+    save_npz(out_path, **patches)
+    save_figure(montage_file, montage_figure(patches, args.seed))
+    n_patients = len(set(patches["patient"]))
+    print(f"{len(patches['img'])} patches ({n_patients} patients x {args.n_per_patient}, {args.n_vessel} "
+          f"vessel-centred each) -> {out_path}\nmontage -> {montage_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""utils/patches.py and extract_patches.py on tiny NIfTI volumes (tiny preset: 2 patients, 128x128x16)."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from test_data import make_arrays, write_patient, write_split
+
+import config
+import extract_patches
+from utils.common import PipelineError, load_npz, patches_path
+from utils.data import patient_paths
+from utils.patches import draw_centres, extract_split, montage_path, patient_rng
+
+HALF = config.PATCH_SIZE // 2
+KEYS = ("img", "label", "patient", "centre")
+
+
+def run_script(capsys, *args):
+    """Run extract_patches.main in-process; returns (exit code, stdout, stderr)."""
+    try:
+        extract_patches.main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_patches_file_matches_the_volumes(dirs, capsys):
+    data, work, _ = dirs
+    volumes = write_split(data)
+    code, out, _ = run_script(capsys)
+    assert code == 0
+    patches = load_npz(patches_path("train"), KEYS)
+    n, n_vessel = config.PATCHES_PER_PATIENT, config.VESSEL_PATCHES_PER_PATIENT
+    patients = config.PATIENT_IDS["train"]
+    assert f"{n * len(patients)} patches" in out and str(patches_path("train")) in out
+    assert patches["img"].shape == (n * len(patients), config.PATCH_SIZE, config.PATCH_SIZE)
+    assert patches["img"].dtype == np.float32 and patches["label"].dtype == np.uint8
+    assert patches["centre"].dtype == np.int32 and patches["centre"].shape == (n * len(patients), 3)
+    assert set(np.unique(patches["label"])) == {0, 1}
+    shape = np.array(config.VOLUME_SHAPE)
+    for index, patient in enumerate(patients):
+        rows = np.flatnonzero(patches["patient"] == patient)
+        np.testing.assert_array_equal(rows, np.arange(index * n, (index + 1) * n))
+        centres = patches["centre"][rows]
+        assert len(np.unique(centres, axis=0)) == n, "a centre was used twice"
+        assert (centres[:, :2] - HALF >= 0).all() and (centres[:, :2] + HALF <= shape[:2]).all()
+        assert ((centres[:, 2] >= 0) & (centres[:, 2] < shape[2])).all()
+        volume = volumes[patient]
+        x, y, z = centres.T
+        assert (volume["label"][x[:n_vessel], y[:n_vessel], z[:n_vessel]] == 1).all()
+        assert (volume["mask"][x[n_vessel:], y[n_vessel:], z[n_vessel:]] == 1).all()
+        for row, (cx, cy, cz) in zip(rows, centres):
+            window = np.s_[cx - HALF:cx + HALF, cy - HALF:cy + HALF, cz]
+            np.testing.assert_array_equal(patches["img"][row], volume["img"][window])
+            np.testing.assert_array_equal(patches["label"][row], volume["label"][window])
+    assert montage_path("train").is_file() and montage_path("train").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_same_patches_other_seed_differs(dirs):
+    data, _, _ = dirs
+    write_split(data)
+    first, again, other = (extract_split("train", seed) for seed in (5, 5, 6))
+    for key in KEYS:
+        np.testing.assert_array_equal(first[key], again[key])
+    assert not np.array_equal(first["centre"], other["centre"])
+
+
+def test_each_patient_draws_from_its_own_rng(dirs):
+    """Patient i's centres depend only on (seed, i): redrawing one patient alone gives the same centres."""
+    data, _, _ = dirs
+    volumes = write_split(data)
+    patches = extract_split("train", 9)
+    n = config.PATCHES_PER_PATIENT
+    volume = volumes[config.PATIENT_IDS["train"][1]]
+    alone = draw_centres(volume["label"], volume["mask"], n, config.VESSEL_PATCHES_PER_PATIENT,
+                         patient_rng(9, 1), "p")
+    np.testing.assert_array_equal(alone, patches["centre"][n:2 * n])
+
+
+def _exact_pools(n_vessel, n_other_brain):
+    """Volumes with exactly n_vessel vessel voxels (in the mask) and n_other_brain more mask voxels, all fitting."""
+    shape = config.VOLUME_SHAPE
+    label, mask = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    # Vessel and mask voxels where no patch fits must never be chosen, so put some on the border too.
+    label[0, :, 0] = label[-1, :, 0] = mask[0, :, 0] = 1
+    block = (8, 8, shape[2])  # a block of voxels whose patches all fit
+    x, y, z = np.unravel_index(np.arange(n_vessel + n_other_brain), block)
+    mask[x + HALF, y + HALF, z] = 1
+    label[x[:n_vessel] + HALF, y[:n_vessel] + HALF, z[:n_vessel]] = 1
+    return label, mask
+
+
+def test_brain_centres_never_reuse_vessel_centres():
+    n_vessel, n_brain = 20, 20
+    label, mask = _exact_pools(n_vessel, n_brain)  # the brain pool is the vessels plus exactly n_brain others
+    centres = draw_centres(label, mask, n_vessel + n_brain, n_vessel, patient_rng(0, 0), "p")
+    x, y, z = centres.T
+    assert (label[x[:n_vessel], y[:n_vessel], z[:n_vessel]] == 1).all()
+    assert (label[x[n_vessel:], y[n_vessel:], z[n_vessel:]] == 0).all()
+    assert len(np.unique(centres, axis=0)) == n_vessel + n_brain
+
+    label, mask = _exact_pools(n_vessel, n_brain - 1)
+    with pytest.raises(PipelineError, match=rf"patient p: only {n_brain - 1} brain-mask voxels where a 96x96"):
+        draw_centres(label, mask, n_vessel + n_brain, n_vessel, patient_rng(0, 0), "p")
+
+
+def _damage(data, damage):
+    """Write the train split with one damage to its second patient; returns that patient."""
+    write_split(data)
+    patient = config.PATIENT_IDS["train"][1]
+    arrays, affines = make_arrays(seed=1), {}
+    paths = patient_paths("train", patient, data)
+    if damage == "missing folder":
+        shutil.rmtree(paths["img"].parent)
+        return "train_000"  # the first patient is the first one found missing
+    if damage == "missing file":
+        paths["label"].unlink()
+        return patient
+    if damage == "shape":
+        arrays["mask"] = arrays["mask"][:, :-2]
+    elif damage == "affine":
+        affines["label"] = np.diag([0.5, 0.5, 0.8, 1.0])
+    elif damage == "label values":
+        arrays["label"] = arrays["label"] * 255
+    elif damage == "small":
+        arrays = make_arrays(seed=1, shape=(config.PATCH_SIZE - 1, 128, 16))
+    elif damage == "few vessels":
+        # Plenty of vessel voxels, but only 3 where a whole patch fits.
+        arrays["label"][HALF:-HALF + 1, HALF:-HALF + 1] = 0
+        arrays["label"][HALF, HALF, :3] = 1
+    write_patient(data, "train", patient, arrays, affines)
+    return patient
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing folder", r"split folder .*train does not exist"),
+    ("missing file", r"label file .*_label.nii.gz does not exist"),
+    ("shape", r"mask .* has shape \(128, 126, 16\) but the image"),
+    ("affine", r"the affine of label .* differs"),
+    ("label values", r"vessel label .* is not binary \(values 0, 255;"),
+    ("small", r"volume of shape \(95, 128, 16\) is smaller than a 96x96 patch"),
+    ("few vessels", r"only 3 vessel voxels where a 96x96 patch fits, but 20 vessel-centred patches"),
+])
+def test_bad_data_is_refused_before_anything_is_written(dirs, capsys, damage, message):
+    data, work, _ = dirs
+    patient = _damage(data, damage)
+    code, _, err = run_script(capsys)
+    assert code == 2
+    error = err.strip().splitlines()[-1]  # after the progress bar, which tqdm closes with a line break
+    assert error.startswith(f"error: patient {patient}: "), err
+    assert re.search(message, error), err
+    assert not work.exists() or not any(work.rglob("*")), "something was written"
+
+
+def test_missing_data_folder(dirs, capsys):
+    code, _, err = run_script(capsys, "--split", "val")
+    assert code == 2 and "data folder" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--n_vessel", "41"), "--n_vessel 41: must be between 0 and --n_per_patient (40)"),
+    (("--n_per_patient", "0"), "--n_per_patient 0: must be at least 1"),
+    (("--split", "training"), "unknown split 'training'"),
+])
+def test_bad_flags(dirs, capsys, args, message):
+    data, work, _ = dirs
+    write_split(data)
+    code, _, err = run_script(capsys, *args)
+    assert code == 2 and message in err
+    assert not work.exists()
+
+
+def test_existing_output_needs_overwrite(dirs, capsys):
+    data, _, _ = dirs
+    write_split(data)
+    write_split(data, "val")
+    assert run_script(capsys, "--split", "val", "--seed", "1")[0] == 0
+    path = patches_path("val")
+    before = path.read_bytes()
+    code, _, err = run_script(capsys, "--split", "val", "--seed", "2")
+    assert code == 2 and "exists already; pass --overwrite" in err
+    assert path.read_bytes() == before
+    assert run_script(capsys, "--split", "val", "--seed", "2", "--overwrite")[0] == 0
+    replaced = load_npz(path, KEYS)
+    assert len(replaced["img"]) == config.PATCHES_PER_PATIENT * len(config.PATIENT_IDS["val"])
+    assert path.read_bytes() != before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["val_montage.png", "val_patches.npz"]
+
+
+def test_counts_can_be_overridden(dirs, capsys):
+    data, _, _ = dirs
+    write_split(data)
+    assert run_script(capsys, "--n_per_patient", "10", "--n_vessel", "0")[0] == 0
+    patches = load_npz(patches_path("train"), KEYS)
+    assert len(patches["img"]) == 10 * len(config.PATIENT_IDS["train"])
