@@ -1,0 +1,83 @@
+"""Cost of privacy per critic step: one strict DP critic step (utils.gan.private_critic_step: per-sample
+gradients, clipping, noise, accounting) against one non-private step (utils.gan.plain_critic_step) of the same
+critic on the same batch, for each Opacus per-sample gradient engine, in one process.
+
+    python benchmarks/bench_critic_step.py --ndf 16 --batch_size 32 --repeats 5
+    python benchmarks/bench_critic_step.py --ndf 96 --batch_size 32 --repeats 2 --modes hooks
+DP and non-private steps alternate, so load from other processes affects both alike; medians are reported.
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import Discriminator  # noqa: E402
+from utils.common import resolve_device  # noqa: E402
+from utils.gan import GRAD_SAMPLE_MODES, make_private_critic, plain_critic_step, private_critic_step  # noqa: E402
+
+
+def timed(step, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_mode(mode, critic, data, real, fake, args, device):
+    """Median seconds of (DP step, non-private step) for one engine."""
+    plain = copy.deepcopy(critic)
+    plain_opt = torch.optim.RMSprop(plain.parameters(), lr=5e-5)
+    dp_critic = copy.deepcopy(critic)
+    private, dp_opt, _, _ = make_private_critic(dp_critic, torch.optim.RMSprop(dp_critic.parameters(), lr=5e-5), data,
+                                                args.batch_size, 1.0, 1.0, mode)
+    dp_times, plain_times = [], []
+    for i in range(args.repeats + 1):  # the first round warms up and is not counted
+        dp = timed(lambda: private_critic_step(private, dp_opt, real, fake, 0.01), device)
+        np_ = timed(lambda: plain_critic_step(plain, plain_opt, real, fake, 0.01), device)
+        if i:
+            dp_times.append(dp)
+            plain_times.append(np_)
+    return statistics.median(dp_times), statistics.median(plain_times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ndf", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--modes", nargs="+", default=list(GRAD_SAMPLE_MODES), help=", ".join(GRAD_SAMPLE_MODES))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    critic = Discriminator(ndf=args.ndf).to(device)
+    data = torch.randn(4 * args.batch_size, 2, 96, 96)  # the private loader's data set: sets q = 1/4
+    real = data[:args.batch_size].to(device)
+    fake = torch.randn(args.batch_size, 2, 96, 96, device=device)
+    n_params = sum(p.numel() for p in critic.parameters())
+    print(f"critic ndf={args.ndf} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size}, device {device}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} steps after one warm-up")
+    print(f"{'mode':<10} {'DP s':>9} {'non-private s':>14} {'ratio':>7}  note")
+    for mode in args.modes:
+        try:
+            dp, plain = bench_mode(mode, critic, data, real, fake, args, device)
+            print(f"{mode:<10} {dp:>9.4f} {plain:>14.4f} {dp / plain:>7.2f}", flush=True)
+        except Exception as err:  # report the engines that do not work here and go on with the others
+            print(f"{mode:<10} {'-':>9} {'-':>14} {'-':>7}  fails: {type(err).__name__}: {str(err)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

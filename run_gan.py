@@ -1,0 +1,79 @@
+"""Step 2: train a (differentially private) WGAN on the training patches (SPEC "DP-WGAN").
+
+The authors' command works as written:
+    python3 run_gan.py --trial "GAN1" --noisem 1 --max_norm_dp 1 --clip_param_W 0.01 --n_discr 5 --batch_size 32 \
+        --lrd 0.00005 --lrg 0.00005 --ndf 96 --ngf 96 --kd 4 --kg 4 --strd 2 --strg 2 --opg 0 --padg 1 \
+        --epochs 50 --seed 12
+--dp_mode strict (default) accounts validly; --dp_mode paper runs the authors' loop and reports both its
+epsilon and the valid one. --noisem inf trains without privacy. --resume continues from the newest checkpoint.
+Outputs: gan_model_dir(trial)/epoch_<e>.pth and gan_results_dir(trial)/{config.json, log.csv, *.png}.
+"""
+
+import argparse
+
+from tqdm import tqdm
+
+import config
+from utils.common import print_setup, script_main
+from utils.gan import GRAD_SAMPLE_MODES, PROGRESS_EVERY, GanTrial
+from utils.privacy import DP_MODES
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trial", required=True, help="trial name: outputs go to WGAN_<trial> folders")
+    p.add_argument("--noisem", type=float, default=config.NOISE_MULTIPLIER, help="noise multiplier; inf: non-private")
+    p.add_argument("--max_norm_dp", type=float, default=config.MAX_NORM_DP, help="per-sample gradient clipping norm")
+    p.add_argument("--clip_param_W", type=float, default=config.CLIP_PARAM_W, help="WGAN critic weight clip")
+    p.add_argument("--n_discr", type=int, default=config.N_DISCR, help="critic iterations per generator update")
+    p.add_argument("--batch_size", type=int, default=config.BATCH_SIZE, help="expected (Poisson) batch size")
+    p.add_argument("--lrd", type=float, default=config.LRD, help="critic learning rate (RMSprop)")
+    p.add_argument("--lrg", type=float, default=config.LRG, help="generator learning rate (RMSprop)")
+    p.add_argument("--ndf", type=int, default=config.NDF, help="critic filters")
+    p.add_argument("--ngf", type=int, default=config.NGF, help="generator filters")
+    p.add_argument("--kd", type=int, default=config.KD, help="critic kernel size")
+    p.add_argument("--kg", type=int, default=config.KG, help="generator kernel size")
+    p.add_argument("--strd", type=int, default=config.STRD, help="critic stride")
+    p.add_argument("--strg", type=int, default=config.STRG, help="generator stride")
+    p.add_argument("--opg", type=int, default=config.OPG, help="generator output padding")
+    p.add_argument("--padg", type=int, default=config.PADG, help="generator padding")
+    p.add_argument("--epochs", type=int, default=config.EPOCHS, help="epochs of round(N / batch) generator updates")
+    p.add_argument("--seed", type=int, default=config.GAN_SEED, help="random seed")
+    p.add_argument("--upsampling", action=argparse.BooleanOptionalAction, default=config.UPSAMPLING,
+                   help="generator variant: linear stem, nearest upsampling and 5x5 convolutions")
+    p.add_argument("--dp_mode", default=config.DP_MODE, help=f"one of {', '.join(DP_MODES)} (see SPEC)")
+    p.add_argument("--resume", action="store_true", help="continue the trial from its newest checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE,
+                   help=f"Opacus per-sample gradient engine: one of {', '.join(GRAD_SAMPLE_MODES)}")
+    return p.parse_args(argv)
+
+
+@script_main
+def main(argv=None):
+    print_setup("run_gan.py")
+    args = parse_args(argv)
+    trial = GanTrial(args)  # validates flags and data, builds networks, privacy engine, sampler; resumes
+    if trial.start_epoch >= args.epochs:
+        print(f"trial {args.trial!r}: all {args.epochs} epochs are done already (last checkpoint: epoch "
+              f"{trial.start_epoch - 1}); pass a larger --epochs to train on")
+        return trial
+    for epoch in range(trial.start_epoch, args.epochs):
+        trial.begin_epoch(epoch)
+        bar = tqdm(range(trial.updates_per_epoch), desc=f"epoch {epoch}", unit="update", leave=False)
+        for update in bar:
+            real = trial.real_batch()
+            for i in range(args.n_discr):
+                if i > 0 and args.dp_mode == "strict":
+                    real = trial.real_batch()  # strict: a fresh Poisson batch per critic iteration; paper: reuse
+                trial.critic_step(real, trial.fake_batch())  # clipped + noised + accounted when private
+            trial.generator_step()  # post-processing: the critic's per-sample hooks are off
+            if update % PROGRESS_EVERY == 0:
+                bar.set_postfix(trial.progress())
+        bar.close()
+        trial.end_epoch()  # checkpoint, log.csv, plots, samples, one printed line
+    return trial
+
+
+if __name__ == "__main__":
+    main()

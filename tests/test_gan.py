@@ -1,0 +1,277 @@
+"""DP-WGAN training (run_gan.py, utils/gan.py): the private critic step, accounting, outputs, resume, errors."""
+
+import copy
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.optimizers import DPOptimizer
+
+import config
+import run_gan
+from model import Discriminator, Generator
+from utils import gan
+from utils.common import gan_model_dir, gan_results_dir, patches_path
+from utils.privacy import gan_privacy, steps_per_epoch
+
+torch.set_num_threads(1)  # the test machine's cores are shared: extra threads only spin
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
+
+N_PATCHES = 32  # tiny preset: batch 8 -> 4 generator updates per epoch, n_discr 2
+
+
+def write_patches(n=N_PATCHES, seed=0):
+    """A small synthetic patches file: noise images with one bright disc, labelled."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:96, :96]
+    img = rng.normal(100, 20, (n, 96, 96)).astype(np.float32)
+    label = np.zeros((n, 96, 96), np.uint8)
+    for i in range(n):
+        cy, cx, r = rng.integers(20, 76), rng.integers(20, 76), rng.integers(5, 15)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        label[i][disc], img[i][disc] = 1, img[i][disc] + 300
+    path = patches_path("train")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, img=img, label=label, patient=np.array(["p0"] * n), centre=np.zeros((n, 3), np.int32))
+
+
+@pytest.fixture
+def work(dirs):
+    write_patches()
+    return dirs[1]
+
+
+@pytest.fixture
+def dp_steps(monkeypatch):
+    """Counts the DP optimizer's noisy steps (pre_step runs clipping, noise and the accountant hook)."""
+    calls = []
+    original = DPOptimizer.pre_step
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPOptimizer, "pre_step", counting)
+    return calls
+
+
+def train(*flags):
+    return run_gan.main(["--trial", "t", *flags])
+
+
+def log_rows(trial="t"):
+    with open(gan_results_dir(trial) / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_strict_epoch_writes_every_output_and_accounts_each_noisy_step(work, dp_steps):
+    trial = train("--epochs", "1")
+    updates = steps_per_epoch(N_PATCHES, config.BATCH_SIZE)
+    assert len(dp_steps) == updates * config.N_DISCR == trial.accounted_steps()
+
+    results, models = gan_results_dir("t"), gan_model_dir("t")
+    for name in ("config.json", "log.csv", "losses.png", "epsilon.png", "samples_epoch_0.png"):
+        assert (results / name).is_file(), name
+    rows = log_rows()
+    assert list(rows[0]) == list(gan.LOG_COLUMNS) and len(rows) == 1
+    expected = gan_privacy(1.0, 1, config.BATCH_SIZE, N_PATCHES, config.N_DISCR, "strict")
+    assert float(rows[0]["epsilon"]) == pytest.approx(expected["epsilon"], rel=1e-9)
+    assert float(rows[0]["epsilon_valid"]) == float(rows[0]["epsilon"])
+    assert int(rows[0]["steps"]) == expected["steps"] == len(dp_steps)
+    assert float(rows[0]["wasserstein"]) == pytest.approx(float(rows[0]["d_real"]) - float(rows[0]["d_fake"]))
+
+    stored = json.loads((results / "config.json").read_text())
+    assert {"args", "preset", "versions", "config", "n_samples", "delta"} <= set(stored)
+    assert stored["n_samples"] == N_PATCHES and stored["delta"] == 1 / N_PATCHES and stored["args"]["noisem"] == 1
+
+    checkpoint = gan.load_checkpoint(models / "epoch_0.pth")
+    keys = {"epoch", "generator", "discriminator", "opt_g", "opt_d", "accountant", "rng", "model_args"}
+    assert keys <= set(checkpoint)
+    assert not any("_module" in k for k in checkpoint["discriminator"])
+    g, d = gan.build_networks(checkpoint["model_args"])
+    g.load_state_dict(checkpoint["generator"])
+    d.load_state_dict(checkpoint["discriminator"])
+    assert max(p.abs().max().item() for p in d.parameters()) <= config.CLIP_PARAM_W
+    assert checkpoint["accountant"]["history"] == [(1.0, config.BATCH_SIZE / N_PATCHES, len(dp_steps))]
+
+
+def test_paper_mode_counts_two_steps_per_critic_iteration_and_reports_the_valid_epsilon(work, dp_steps):
+    trial = train("--epochs", "1", "--dp_mode", "paper", "--noisem", "0.8")
+    updates = steps_per_epoch(N_PATCHES, config.BATCH_SIZE)
+    assert len(dp_steps) == 2 * updates * config.N_DISCR == trial.accounted_steps()
+    expected = gan_privacy(0.8, 1, config.BATCH_SIZE, N_PATCHES, config.N_DISCR, "paper")
+    row = log_rows()[0]
+    assert float(row["epsilon"]) == pytest.approx(expected["epsilon"], rel=1e-9)
+    assert float(row["epsilon_valid"]) == pytest.approx(expected["epsilon_valid"], rel=1e-9)
+
+
+@pytest.mark.parametrize("dp_mode, batches_per_update", [("strict", config.N_DISCR), ("paper", 1)])
+def test_strict_draws_a_batch_per_critic_iteration_and_paper_one_per_generator_update(work, monkeypatch, dp_mode,
+                                                                                       batches_per_update):
+    drawn = []
+    real_batch = gan.GanTrial.real_batch
+    monkeypatch.setattr(gan.GanTrial, "real_batch", lambda self: drawn.append(1) or real_batch(self))
+    train("--epochs", "1", "--dp_mode", dp_mode, "--noisem", "inf")
+    assert len(drawn) == steps_per_epoch(N_PATCHES, config.BATCH_SIZE) * batches_per_update
+
+
+def test_non_private_run_has_infinite_epsilon_and_no_noisy_steps(work, dp_steps):
+    train("--epochs", "1", "--noisem", "inf")
+    row = log_rows()[0]
+    assert row["epsilon"] == row["epsilon_valid"] == "inf" and row["steps"] == "0"
+    assert dp_steps == []
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(work, capsys):
+    straight = train("--trial", "a", "--epochs", "2")
+    train("--trial", "b", "--epochs", "1")
+    resumed = train("--trial", "b", "--epochs", "2", "--resume")
+    assert resumed.start_epoch == 1
+    assert resumed.engine.accountant.history == straight.engine.accountant.history
+    assert log_rows("a")[1]["epsilon"] == log_rows("b")[1]["epsilon"] and len(log_rows("b")) == 2
+    for name in ("generator", "discriminator"):
+        a = gan.load_checkpoint(gan_model_dir("a") / "epoch_1.pth")[name]
+        b = gan.load_checkpoint(gan_model_dir("b") / "epoch_1.pth")[name]
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # RNG states restored: the same batches and noise
+    capsys.readouterr()
+    train("--trial", "b", "--epochs", "2", "--resume")
+    assert "all 2 epochs are done" in capsys.readouterr().out
+
+
+def expect_error(capsys, *flags):
+    with pytest.raises(SystemExit) as exc:
+        train(*flags)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_existing_trial_is_refused_without_resume(work, capsys):
+    train("--epochs", "1")
+    config_json = gan_results_dir("t") / "config.json"
+    before = config_json.read_bytes(), (gan_model_dir("t") / "epoch_0.pth").read_bytes()
+    assert "exists already" in expect_error(capsys, "--epochs", "1")
+    assert (config_json.read_bytes(), (gan_model_dir("t") / "epoch_0.pth").read_bytes()) == before
+
+
+def test_resume_refuses_other_settings_and_missing_trials(work, capsys):
+    assert "nothing to resume" in expect_error(capsys, "--resume")
+    train("--epochs", "1")
+    err = expect_error(capsys, "--resume", "--noisem", "2", "--ndf", "4")
+    assert "--noisem 2.0" in err and "--ndf 4" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "33"], "larger than the 32"),
+    (["--noisem", "0"], "--noisem 0.0"),
+    (["--noisem", "-1"], "--noisem -1.0"),
+    (["--max_norm_dp", "0"], "--max_norm_dp"),
+    (["--clip_param_W", "-0.01"], "--clip_param_W"),
+    (["--n_discr", "0"], "--n_discr 0"),
+    (["--kg", "3"], "generator flags"),
+    (["--kd", "40"], "critic flags"),
+    (["--dp_mode", "loose"], "--dp_mode 'loose'"),
+    (["--grad_sample_mode", "magic"], "--grad_sample_mode 'magic'"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(work, capsys, flags, message):
+    assert message in expect_error(capsys, *flags)
+    assert not (work / "models").exists() and not (work / "results").exists()
+
+
+def test_missing_patches_file_says_to_extract_patches_first(dirs, capsys):
+    assert "run extract_patches.py first" in expect_error(capsys)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(work, capsys, monkeypatch):
+    train("--epochs", "1")
+    good = (gan_model_dir("t") / "epoch_0.pth").read_bytes()
+    monkeypatch.setattr(gan.GanTrial, "fake_batch", lambda self: torch.full((8, 2, 96, 96), math.nan))
+    err = expect_error(capsys, "--epochs", "2", "--resume")
+    assert "not finite" in err and "epoch_0.pth (epoch 0)" in err
+    assert (gan_model_dir("t") / "epoch_0.pth").read_bytes() == good
+    assert not (gan_model_dir("t") / "epoch_1.pth").exists() and len(log_rows()) == 1
+
+
+# ---- the mechanism, on a tiny critic with a fixed batch ----
+def tiny_critic(zero_weights=False):
+    """A tiny critic, an untouched copy of it and 16 random inputs."""
+    torch.manual_seed(0)
+    d = Discriminator(ndf=4)
+    if zero_weights:
+        for p in d.parameters():
+            torch.nn.init.zeros_(p)
+    return d, copy.deepcopy(d), torch.randn(16, 2, 96, 96)
+
+
+def privatise(d, data, noise_multiplier, max_grad_norm, batch_size=8, mode="hooks"):
+    opt = torch.optim.SGD(d.parameters(), lr=1.0)  # the step is minus the gradient the optimizer receives
+    return gan.make_private_critic(d, opt, data, batch_size, noise_multiplier, max_grad_norm, mode)
+
+
+@pytest.mark.parametrize("mode", gan.GRAD_SAMPLE_MODES)
+def test_noiseless_private_step_is_the_mean_of_clipped_real_gradients_plus_the_fake_gradient(mode):
+    batch_size = 8
+    d, bare, data = tiny_critic()
+    real, fake = data[:5], data[8:11]  # 5 real samples: the mean divides by the expected batch size, 8
+    params = list(bare.parameters())
+    per_sample = [torch.autograd.grad(-bare(x[None]).mean(), params) for x in real]
+    norms = torch.stack([torch.sqrt(sum((g ** 2).sum() for g in grads)) for grads in per_sample])
+    max_norm = norms.median().item()  # some samples are clipped, some are not
+    fake_grads = torch.autograd.grad(bare(fake).mean(), params)
+    expected = []
+    for i, p in enumerate(params):
+        clipped = sum(g[i] * min(1.0, max_norm / (n.item() + 1e-6)) for g, n in zip(per_sample, norms))
+        expected.append(p.detach() - (clipped / batch_size + fake_grads[i]))
+
+    private, dp_opt, engine, _ = privatise(d, data, 0.0, max_norm, batch_size, mode)
+    gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=1e6)
+    for p, e in zip(d.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-6)
+    assert engine.accountant.history == [(0.0, batch_size / len(data), 1)]
+
+
+def test_private_critic_samples_and_accounts_at_rate_batch_over_n_when_batch_does_not_divide_n():
+    d, _, data = tiny_critic()
+    private, dp_opt, engine, sampler = privatise(d, data[:13], 1.0, 1.0, batch_size=4)
+    assert sampler.sample_rate == 4 / 13 and dp_opt.expected_batch_size == 4
+    gan.private_critic_step(private, dp_opt, data[:4], data[8:11], clip_param_w=1.0)
+    assert engine.accountant.history == [(1.0, 4 / 13, 1)]
+
+
+@pytest.mark.parametrize("n_real", [5, 0])
+def test_private_step_noise_has_sd_sigma_c_over_b_and_an_empty_batch_is_one_counted_step(n_real):
+    sigma, max_norm, batch_size = 2.0, 0.5, 8
+    # All-zero weights: every gradient is exactly zero, so the step is the noise / B alone.
+    d, _, data = tiny_critic(zero_weights=True)
+    private, dp_opt, engine, _ = privatise(d, data, sigma, max_norm, batch_size)
+    gan.private_critic_step(private, dp_opt, data[:n_real], data[8:11], clip_param_w=1e6)
+    step = torch.cat([p.detach().flatten() for p in d.parameters()])
+    assert len(step) > 40000
+    sd = sigma * max_norm / batch_size
+    assert step.std().item() == pytest.approx(sd, rel=0.02) and abs(step.mean().item()) < 0.05 * sd
+    assert engine.accountant.history == [(sigma, batch_size / len(data), 1)]
+
+
+def test_weights_are_clamped_after_a_critic_step():
+    d, _, data = tiny_critic()
+    private, dp_opt, _, _ = privatise(d, data, 1.0, 1.0)
+    gan.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=0.003)
+    assert max(p.abs().max().item() for p in d.parameters()) == pytest.approx(0.003)
+
+
+def test_generator_step_leaves_the_critic_alone():
+    d, _, data = tiny_critic()
+    private, dp_opt, engine, _ = privatise(d, data, 1.0, 1.0)
+    gan.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=1.0)
+    critic_state = [(p.detach().clone(), p.grad.clone()) for p in d.parameters()]
+    g = Generator(ngf=4)
+    g_before = [p.detach().clone() for p in g.parameters()]
+    opt_g = torch.optim.RMSprop(g.parameters(), lr=1e-3)
+    gan.generator_step(g, private, opt_g, 4, "cpu")
+    for p, (weight, grad) in zip(d.parameters(), critic_state):
+        assert torch.equal(p.detach(), weight) and torch.equal(p.grad, grad)
+        assert not isinstance(p.grad_sample, torch.Tensor) or p.grad_sample.shape[0] == 5  # from the critic step
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(g.parameters(), g_before))
+    assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 1

@@ -1,0 +1,557 @@
+"""DP-WGAN training mechanics (SPEC step 2): the private critic step, data, checkpoints, logs and figures.
+
+run_gan.py holds the training loop; this module holds what one step, one epoch end or one resume does.
+
+Privacy (SPEC "DP-WGAN"): only the critic sees real data. Its real-data gradient goes through Opacus:
+per-sample clipping to max_norm_dp, Gaussian noise noisem x max_norm_dp, division by the expected batch
+size, and one count in the RDP accountant per noisy step. Batches are Poisson samples at rate batch / N.
+- strict (`private_critic_step`): a fresh Poisson batch per critic iteration; the fake-data part of the
+  critic gradient is exact (it depends on the generator only) and is added after the noise. Every
+  accounted step is one subsampled Gaussian release: the reported epsilon is a valid bound.
+- paper (`paper_critic_step`): the authors' loop; one Poisson batch per generator update reused by all
+  n_discr critic iterations, each taking a noisy step on the real and one on the fake batch, both counted
+  (the paper's epsilon). The valid bound of that loop comes from utils.privacy.valid_paper_history.
+The generator and the fake half of the strict critic loss run the critic with Opacus's per-sample hooks
+off (`critic_without_privacy_hooks`): their gradients are post-processing and are never released.
+"""
+
+import csv
+import json
+import math
+import random
+import re
+import time
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks, GradSampleModuleFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import TensorDataset
+
+import config
+from model import Discriminator, Generator
+from utils import privacy
+from utils.common import (
+    PipelineError,
+    atomic_write,
+    config_values,
+    gan_model_dir,
+    gan_results_dir,
+    load_npz,
+    minmax_scale,
+    patches_path,
+    resolve_device,
+    save_figure,
+    save_json,
+    save_torch,
+    versions,
+)
+
+LOG_COLUMNS = ("epoch", "loss_d", "loss_g", "wasserstein", "d_real", "d_fake", "epsilon", "epsilon_valid", "steps",
+               "seconds")
+LOAD_CHUNK = 4096  # patches scaled at a time when loading
+N_FIXED_SAMPLES = 8  # generator samples drawn from one fixed noise batch after every epoch
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+# Flags that may change when a trial is resumed: they do not change what is trained or how it is accounted.
+RESUMABLE_CHANGES = ("resume", "epochs", "device", "grad_sample_mode")
+PROGRESS_EVERY = 20  # generator updates between refreshes of the progress bar's epsilon (~20 ms each)
+# Opacus registers full backward hooks on the critic's layers; the first layer's input (the data) needs no
+# gradient, which PyTorch reports on every run. It is expected and harmless here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
+
+
+# ---- data ----
+def load_real_pairs():
+    """Training pairs, float32 N x 2 x 96 x 96: image min-max scaled per patch to [-1, 1], label 0/1."""
+    path = patches_path("train")
+    if not path.is_file():
+        raise PipelineError(f"patches file {path} does not exist; run extract_patches.py first")
+    arrays = load_npz(path, ["img", "label"], "patches file")
+    img, label = arrays["img"], arrays["label"]
+    if img.ndim != 3 or img.shape != label.shape or img.shape[1:] != (config.PATCH_SIZE, config.PATCH_SIZE):
+        raise PipelineError(f"patches file {path}: img {img.shape} and label {label.shape} must both be "
+                            f"N x {config.PATCH_SIZE} x {config.PATCH_SIZE}")
+    if len(img) == 0:
+        raise PipelineError(f"patches file {path} holds no patches")
+    pairs = np.empty((len(img), 2, *img.shape[1:]), np.float32)
+    for start in range(0, len(img), LOAD_CHUNK):  # in chunks: the paper's 41,000 pairs alone take 3 GB
+        chunk = slice(start, start + LOAD_CHUNK)
+        pairs[chunk, 0] = minmax_scale(img[chunk], -1, 1)
+        pairs[chunk, 1] = label[chunk]
+    return torch.from_numpy(pairs)
+
+
+def poisson_sampler(n_samples, batch_size, generator):
+    """Opacus's Poisson sampler at rate batch / N: every patch joins each batch independently."""
+    return UniformWithReplacementSampler(num_samples=n_samples, sample_rate=batch_size / n_samples,
+                                         generator=generator)
+
+
+def endless(sampler):
+    """Index lists from the sampler, one per batch, without end. Each batch draws only torch.rand(N) from
+    the sampler's generator, so restoring that generator's state continues the same stream."""
+    while True:
+        yield from sampler
+
+
+# ---- networks ----
+def model_args(args):
+    return dict(ngf=args.ngf, kg=args.kg, strg=args.strg, padg=args.padg, opg=args.opg,
+                latent_dim=config.LATENT_DIM, upsampling=args.upsampling, ndf=args.ndf, kd=args.kd, strd=args.strd)
+
+
+def build_networks(margs):
+    """(Generator, Discriminator) from model_args; sizes that cannot make 96 x 96 are a PipelineError."""
+    try:
+        g = Generator(margs["ngf"], margs["kg"], margs["strg"], margs["padg"], margs["opg"], margs["latent_dim"],
+                      margs["upsampling"])
+    except ValueError as err:
+        raise PipelineError(f"generator flags --ngf/--kg/--strg/--padg/--opg: {err}") from None
+    try:
+        d = Discriminator(margs["ndf"], margs["kd"], margs["strd"])
+    except ValueError as err:
+        raise PipelineError(f"critic flags --kd/--strd: {err}") from None
+    return g, d
+
+
+def make_private_critic(critic, optimizer, data, batch_size, noise_multiplier, max_grad_norm, grad_sample_mode,
+                        generator=None):
+    """Wrap the critic and its optimizer with Opacus; returns (critic, dp_optimizer, engine, sampler).
+
+    The loader is Opacus's Poisson DPDataLoader at rate q = batch / N (SPEC). make_private itself would derive
+    q = 1 / len(loader) and the expected batch int(N q) from a plain loader: 1 / ceil(N / batch) and 31 for
+    the paper's N = 41,000 and batch 32. So the loader is built at q here and the accountant's hook and the
+    mean's denominator are set to q and batch: the mechanism run is the one the accountant counts.
+    """
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DPDataLoader(TensorDataset(data), sample_rate=batch_size / len(data), generator=generator)
+    private = engine.make_private(module=critic, optimizer=optimizer, data_loader=loader,
+                                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                  poisson_sampling=False, grad_sample_mode=grad_sample_mode)
+    critic, optimizer = private[0], private[1]  # ghost mode also returns a criterion, unused here
+    critic.forbid_grad_accumulation()  # make_private does this only when it builds the Poisson loader itself
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=batch_size / len(data)))
+    optimizer.expected_batch_size = batch_size
+    return critic, optimizer, engine, loader.batch_sampler
+
+
+@contextmanager
+def critic_without_privacy_hooks(critic):
+    """The bare critic (same parameters) with Opacus's per-sample machinery off, for gradients that are not
+    released through the DP optimizer: the fake half of the strict critic loss and the generator's loss."""
+    hooks = isinstance(critic, GradSampleHooks)  # hooks, functorch and ghost modes; "ew" works in forward()
+    if hooks:
+        critic.disable_hooks()
+    try:
+        yield critic._module if isinstance(critic, AbstractGradSampleModule) else critic
+    finally:
+        if hooks:
+            critic.enable_hooks()
+
+
+def clamp_critic_weights(critic, clip_param_w):
+    """WGAN weight clipping after every critic iteration."""
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.clamp_(-clip_param_w, clip_param_w)
+
+
+def _dp_backward(critic, optimizer, batch, sign):
+    """Per-sample gradients of sign * D(x_i) into the DP optimizer; returns the detached scores.
+
+    An empty Poisson batch is still one release (of pure noise): its per-sample gradients are set to an
+    empty stack without a forward pass, which Opacus's clip_and_accumulate sums to zero.
+    """
+    if len(batch) == 0:
+        for p in optimizer.params:
+            if isinstance(critic, GradSampleModuleFastGradientClipping):
+                p.grad = torch.zeros_like(p)  # ghost clipping accumulates p.grad, not per-sample gradients
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        return batch.new_zeros(0)
+    scores = critic(batch)
+    if isinstance(critic, GradSampleModuleFastGradientClipping):
+        # Ghost clipping: per-sample norms in a first backward pass, the clipped sum in a second one.
+        DPTensorFastGradientClipping(critic, optimizer, sign * scores, "mean").backward()
+    else:
+        (sign * scores).mean().backward()
+    return scores.detach()
+
+
+def private_critic_step(critic, optimizer, real, fake, clip_param_w):
+    """One strict DP-WGAN critic iteration on a fresh Poisson batch `real` and a generated batch `fake`.
+
+    Update direction = (sum_i clip_C(grad -D(real_i)) + N(0, (noisem C)^2 I)) / B + grad mean_j D(fake_j):
+    only the real-data half is clipped, noised and accounted (one step); the fake half is computed with the
+    per-sample hooks off, so it never enters the per-sample gradients, and is added after the noise.
+    Then RMSprop steps and the weights are clamped. Returns the detached (real, fake) scores.
+    """
+    optimizer.zero_grad()
+    with critic_without_privacy_hooks(critic) as bare:
+        fake_scores = bare(fake)
+        fake_grads = torch.autograd.grad(fake_scores.mean(), optimizer.params)
+    real_scores = _dp_backward(critic, optimizer, real, sign=-1)
+    if not optimizer.pre_step():  # clip, add noise, divide by B, accountant step
+        raise RuntimeError("the DP optimizer skipped a step; nothing here asks it to")
+    for p, g in zip(optimizer.params, fake_grads):
+        p.grad += g
+    optimizer.original_optimizer.step()
+    clamp_critic_weights(critic, clip_param_w)
+    return real_scores, fake_scores.detach()
+
+
+def paper_critic_step(critic, optimizer, real, fake, clip_param_w):
+    """One critic iteration of the authors' loop: a DP step on -D(real), then a DP step on D(fake), both
+    accounted as subsampled Gaussian steps (the paper's count; see utils.privacy for the valid one)."""
+    optimizer.zero_grad()
+    real_scores = _dp_backward(critic, optimizer, real, sign=-1)
+    optimizer.step()
+    optimizer.zero_grad()
+    fake_scores = _dp_backward(critic, optimizer, fake, sign=1)
+    optimizer.step()
+    clamp_critic_weights(critic, clip_param_w)
+    return real_scores, fake_scores
+
+
+def plain_critic_step(critic, optimizer, real, fake, clip_param_w):
+    """Non-private critic iteration: loss mean D(fake) - mean D(real), one RMSprop step, clamp."""
+    optimizer.zero_grad()
+    fake_scores = critic(fake)
+    real_scores = critic(real) if len(real) else real.new_zeros(0)
+    loss = fake_scores.mean() - (real_scores.mean() if len(real) else 0.0)
+    loss.backward()
+    optimizer.step()
+    clamp_critic_weights(critic, clip_param_w)
+    return real_scores.detach(), fake_scores.detach()
+
+
+def generator_step(generator, critic, optimizer, batch_size, device):
+    """loss_G = -mean D(G(z)); only the generator's parameters receive gradients (post-processing: the
+    critic's hooks are off and its .grad is left untouched). Returns the detached scores D(G(z))."""
+    z = torch.randn(batch_size, generator.latent_dim, device=device)
+    with critic_without_privacy_hooks(critic) as bare:
+        scores = bare(generator(z))
+        optimizer.zero_grad()
+        (-scores.mean()).backward(inputs=list(generator.parameters()))
+    optimizer.step()
+    return scores.detach()
+
+
+# ---- checkpoints ----
+def checkpoint_path(trial, epoch):
+    return gan_model_dir(trial) / f"epoch_{epoch}.pth"
+
+
+def checkpoint_epochs(trial):
+    """Epochs with a checkpoint in the trial's model folder, ascending."""
+    folder = gan_model_dir(trial)
+    found = [re.fullmatch(r"epoch_(\d+)\.pth", p.name) for p in folder.glob("epoch_*.pth")] if folder.is_dir() else []
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint written by run_gan.py (plain tensors and containers: loads with weights_only)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise PipelineError(f"checkpoint {path} cannot be read: {err}") from None
+
+
+def rng_states(sampler_generator):
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+                      float(np_state[4])),
+            "python": random.getstate(), "sampler": sampler_generator.get_state()}
+
+
+def restore_rng_states(states, sampler_generator):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), float(cached)))
+    random.setstate(states["python"])
+    sampler_generator.set_state(states["sampler"])
+
+
+# ---- one training run ----
+class GanTrial:
+    """Everything one trial's training loop needs: networks, optimizers, privacy engine, sampler and outputs."""
+
+    def __init__(self, args):
+        self.args = args
+        self.validate_flags(args)
+        self.data = load_real_pairs()
+        self.n_samples = len(self.data)
+        try:
+            privacy.check_settings(batch_size=args.batch_size, n_samples=self.n_samples)
+        except ValueError as err:
+            raise PipelineError(str(err)) from None
+        self.private = not math.isinf(args.noisem)
+        self.delta = config.DELTA if config.DELTA is not None else 1.0 / self.n_samples
+        self.sample_rate = args.batch_size / self.n_samples
+        self.updates_per_epoch = privacy.steps_per_epoch(self.n_samples, args.batch_size)
+        self.device = resolve_device(args.device)
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        random.seed(args.seed)
+        self.model_args = model_args(args)
+        self.generator, self.critic = build_networks(self.model_args)
+        self.model_dir, self.results_dir = gan_model_dir(args.trial), gan_results_dir(args.trial)
+        self.start_epoch, self.generator_updates, self.log_rows = 0, 0, []
+        self._check_trial_folders()  # nothing is written before this point
+
+        self.sampler_generator = torch.Generator().manual_seed(args.seed)
+        self.fixed_noise = torch.randn(N_FIXED_SAMPLES, config.LATENT_DIM,
+                                       generator=torch.Generator().manual_seed(args.seed + 1)).to(self.device)
+        self.generator.to(self.device)
+        self.critic.to(self.device)
+        self.opt_g = torch.optim.RMSprop(self.generator.parameters(), lr=args.lrg)
+        opt_d = torch.optim.RMSprop(self.critic.parameters(), lr=args.lrd)
+        checkpoint = self._load_checkpoint(opt_d) if args.resume else None
+        if self.private:
+            self.d, self.opt_d, self.engine, sampler = make_private_critic(
+                self.critic, opt_d, self.data, args.batch_size, args.noisem, args.max_norm_dp, args.grad_sample_mode,
+                self.sampler_generator)
+            self.critic_step_fn = private_critic_step if args.dp_mode == "strict" else paper_critic_step
+        else:
+            self.d, self.opt_d, self.engine = self.critic, opt_d, None
+            sampler = poisson_sampler(self.n_samples, args.batch_size, self.sampler_generator)
+            self.critic_step_fn = plain_critic_step
+        if checkpoint is not None:
+            if self.private:
+                self.engine.accountant.history = [tuple(h) for h in checkpoint["accountant"]["history"]]
+            restore_rng_states(checkpoint["rng"], self.sampler_generator)
+        else:
+            self._write_config()
+        self.indices = endless(sampler)
+
+    # -- setup helpers --
+    @staticmethod
+    def validate_flags(args):
+        checks = [(args.max_norm_dp > 0, f"--max_norm_dp {args.max_norm_dp}: the clipping norm must be > 0"),
+                  (args.clip_param_W > 0, f"--clip_param_W {args.clip_param_W}: the WGAN weight clip must be > 0"),
+                  (args.lrd > 0 and args.lrg > 0, f"--lrd {args.lrd} --lrg {args.lrg}: learning rates must be > 0"),
+                  (args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1"),
+                  (args.grad_sample_mode in GRAD_SAMPLE_MODES,
+                   f"--grad_sample_mode {args.grad_sample_mode!r}: choose one of {', '.join(GRAD_SAMPLE_MODES)}")]
+        for ok, message in checks:
+            if not ok:
+                raise PipelineError(message)
+        try:
+            privacy.check_settings(noisem=args.noisem, batch_size=args.batch_size, n_discr=args.n_discr,
+                                   dp_mode=args.dp_mode)
+        except ValueError as err:
+            raise PipelineError(str(err)) from None
+
+    def _check_trial_folders(self):
+        """Refuse to start over an existing trial; for --resume, check it exists and was run with these flags."""
+        trial = self.args.trial
+        if not self.args.resume:
+            for folder in (self.model_dir, self.results_dir):
+                if folder.exists():
+                    raise PipelineError(f"trial {trial!r} exists already ({folder}); pass --resume to continue it "
+                                        f"or choose another --trial (nothing was written)")
+            return
+        epochs = checkpoint_epochs(trial)
+        config_path = self.results_dir / "config.json"
+        if not epochs or not config_path.is_file():
+            raise PipelineError(f"--resume: trial {trial!r} has nothing to resume (no checkpoint in {self.model_dir} "
+                                f"or no {config_path}); delete what is left of it and start it without --resume")
+        stored = json.loads(config_path.read_text())
+        different = [f"--{k} {v!r} (the trial has {stored['args'].get(k)!r})" for k, v in vars(self.args).items()
+                     if k not in RESUMABLE_CHANGES and stored["args"].get(k) != v]
+        if stored.get("n_samples") != self.n_samples:
+            different.append(f"the patches file now has {self.n_samples} patches (the trial had {stored['n_samples']})")
+        if different:
+            raise PipelineError(f"--resume: trial {trial!r} was started with other settings: {'; '.join(different)}")
+        self.start_epoch = epochs[-1] + 1
+
+    def _load_checkpoint(self, opt_d):
+        """Networks, optimizers, generator updates and log rows of the newest checkpoint; returns it."""
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the networks' device.
+        checkpoint = load_checkpoint(checkpoint_path(self.args.trial, self.start_epoch - 1))
+        self.generator.load_state_dict(checkpoint["generator"])
+        self.critic.load_state_dict(checkpoint["discriminator"])
+        self.opt_g.load_state_dict(checkpoint["opt_g"])
+        opt_d.load_state_dict(checkpoint["opt_d"])
+        self.generator_updates = checkpoint["accountant"]["generator_updates"]
+        self.log_rows = [row for row in read_log(self.results_dir / "log.csv") if row["epoch"] < self.start_epoch]
+        return checkpoint
+
+    def _write_config(self):
+        save_json(self.results_dir / "config.json",
+                  {"args": vars(self.args), "preset": config.PRESET, "versions": versions(), "config": config_values(),
+                   "n_samples": self.n_samples, "delta": self.delta, "sample_rate": self.sample_rate,
+                   "updates_per_epoch": self.updates_per_epoch})
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- the loop's verbs --
+    def real_batch(self):
+        """A fresh Poisson batch of real pairs (possibly empty)."""
+        return self.data[next(self.indices)].to(self.device)
+
+    def fake_batch(self):
+        with torch.no_grad():
+            z = torch.randn(self.args.batch_size, self.generator.latent_dim, device=self.device)
+            return self.generator(z)
+
+    def begin_epoch(self, epoch):
+        self.epoch, self.started = epoch, time.time()
+        self.sums = dict(real=0.0, n_real=0, fake=0.0, n_fake=0, loss_g=0.0, n_g=0)
+
+    def critic_step(self, real, fake):
+        real_scores, fake_scores = self.critic_step_fn(self.d, self.opt_d, real, fake, self.args.clip_param_W)
+        self._check_finite("critic loss", torch.cat([real_scores, fake_scores]))
+        self.sums["real"] += real_scores.sum().item()
+        self.sums["n_real"] += len(real_scores)
+        self.sums["fake"] += fake_scores.sum().item()
+        self.sums["n_fake"] += len(fake_scores)
+
+    def generator_step(self):
+        scores = generator_step(self.generator, self.d, self.opt_g, self.args.batch_size, self.device)
+        self._check_finite("generator loss", scores)
+        self.sums["loss_g"] += -scores.mean().item()
+        self.sums["n_g"] += 1
+        self.generator_updates += 1
+
+    def _check_finite(self, what, values):
+        if torch.isfinite(values).all():
+            return
+        last = self.epoch - 1
+        kept = (f"the last good checkpoint is {checkpoint_path(self.args.trial, last)} (epoch {last})" if last >= 0
+                else f"no checkpoint was written (delete {self.model_dir} and {self.results_dir} to start again)")
+        raise PipelineError(f"epoch {self.epoch}, generator update {self.generator_updates}: the {what} is not "
+                            f"finite; training stopped and {kept}. Lower --lrd/--lrg or change --seed.")
+
+    def parameters(self):
+        return [*self.generator.parameters(), *self.critic.parameters()]
+
+    def epoch_means(self):
+        s = self.sums
+        d_real, d_fake = s["real"] / max(s["n_real"], 1), s["fake"] / max(s["n_fake"], 1)
+        return dict(loss_d=d_fake - d_real, loss_g=s["loss_g"] / max(s["n_g"], 1), wasserstein=d_real - d_fake,
+                    d_real=d_real, d_fake=d_fake)
+
+    # -- privacy --
+    def accounted_steps(self):
+        return sum(h[2] for h in self.engine.accountant.history) if self.private else 0
+
+    def epsilon(self):
+        """(epsilon as accounted by the DP optimizer's hook, valid epsilon); inf for a non-private run."""
+        if not self.private:
+            return math.inf, math.inf
+        eps = privacy.epsilon_from_history(self.engine.accountant.history, self.delta)
+        if self.args.dp_mode == "strict":
+            return eps, eps
+        valid = privacy.valid_paper_history(self.args.noisem, self.sample_rate, self.generator_updates,
+                                            self.args.n_discr)
+        return eps, privacy.epsilon_from_history(valid, self.delta)
+
+    def progress(self):
+        means = self.epoch_means()
+        return {"loss_d": f"{means['loss_d']:.4f}", "loss_g": f"{means['loss_g']:.4f}",
+                "eps": f"{self.epsilon()[0]:.3f}"}
+
+    # -- end of an epoch: checkpoint, log, figures --
+    def end_epoch(self):
+        epoch = self.epoch
+        # The last update may have broken a network without any loss showing it yet: never save that.
+        self._check_finite("network weights", torch.cat([p.detach().flatten() for p in self.parameters()]))
+        epsilon, epsilon_valid = self.epsilon()
+        row = {"epoch": epoch, **self.epoch_means(), "epsilon": epsilon, "epsilon_valid": epsilon_valid,
+               "steps": self.accounted_steps(), "seconds": time.time() - self.started}
+        save_torch(checkpoint_path(self.args.trial, epoch), {
+            "epoch": epoch, "generator": self.generator.state_dict(), "discriminator": self.critic.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "accountant": {"history": list(self.engine.accountant.history) if self.private else [],
+                           "generator_updates": self.generator_updates, "sample_rate": self.sample_rate,
+                           "delta": self.delta, "dp_mode": self.args.dp_mode},
+            "rng": rng_states(self.sampler_generator), "model_args": self.model_args})
+        self.log_rows.append(row)
+        write_log(self.results_dir / "log.csv", self.log_rows)
+        plot_losses(self.results_dir / "losses.png", self.log_rows)
+        plot_epsilon(self.results_dir / "epsilon.png", self.log_rows, self.args.dp_mode)
+        with torch.no_grad():
+            samples = self.generator(self.fixed_noise).cpu().numpy()
+        plot_samples(self.results_dir / f"samples_epoch_{epoch}.png", samples, epoch)
+        print(f"epoch {epoch}/{self.args.epochs - 1} | loss_d {row['loss_d']:.5f} | loss_g {row['loss_g']:.5f} | "
+              f"W {row['wasserstein']:.5f} | D(x) {row['d_real']:.4f} | D(G(z)) {row['d_fake']:.4f} | "
+              f"epsilon {epsilon:.4g} (valid {epsilon_valid:.4g}, delta {self.delta:.3g}) | steps {row['steps']} | "
+              f"{row['seconds']:.1f} s", flush=True)
+        return row
+
+
+# ---- log and figures ----
+def write_log(path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row[k] for k in LOG_COLUMNS})
+
+    atomic_write(path, write)
+
+
+def read_log(path):
+    """log.csv rows with numbers as numbers ("inf" epsilon of a non-private run included)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k in ("epoch", "steps") else float(v)) for k, v in row.items()} for row in rows]
+
+
+def plot_losses(path, rows):
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss_d", "critic loss"), ("loss_g", "generator loss"), ("wasserstein", "Wasserstein est.")):
+        ax.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean over the epoch")
+    ax.legend()
+    save_figure(path, fig)
+
+
+def plot_epsilon(path, rows, dp_mode):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in rows]
+    if math.isinf(rows[-1]["epsilon"]):
+        ax.text(0.5, 0.5, "non-private run: epsilon = inf", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.plot(epochs, [r["epsilon"] for r in rows], marker="o",
+                label="epsilon (strict, valid)" if dp_mode == "strict" else "epsilon as the paper counts it")
+        if dp_mode == "paper":
+            ax.plot(epochs, [r["epsilon_valid"] for r in rows], marker="s", label="valid epsilon")
+        ax.legend()
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("epsilon")
+    save_figure(path, fig)
+
+
+def plot_samples(path, samples, epoch):
+    """Generated pairs from the fixed noise batch: one column per sample, image above label."""
+    import matplotlib.pyplot as plt
+
+    n = len(samples)
+    fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
+    for j in range(n):
+        for i, name in enumerate(("image", "label")):
+            axes[i, j].imshow(samples[j, i], cmap="gray", vmin=-1, vmax=1)
+            axes[i, j].axis("off")
+            if j == 0:
+                axes[i, j].set_title(name, fontsize=8, loc="left")
+    fig.suptitle(f"epoch {epoch}: fixed noise")
+    save_figure(path, fig)
