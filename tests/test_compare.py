@@ -1,0 +1,56 @@
+import csv
+import json
+import math
+
+import pytest
+
+import compare_results
+from utils.common import PipelineError
+
+
+def write_result(folder, name, epsilon, test_dsc, fid=None, **extra):
+    result = {"training_input": name, "epsilon": epsilon, "epsilon_valid": epsilon,
+              "test_dsc": {"mean": test_dsc, "sd": 0.01}, "test2_dsc": {"mean": test_dsc - 0.05, "sd": 0.02},
+              "test_bahd": {"mean": 1.5, "sd": 0.1}, "test2_bahd": {"mean": None, "sd": None},
+              "ssim_real": 0.3, **extra}
+    if fid is None:
+        result["fid"] = "not computed: the Inception weights file is missing"
+    else:
+        result.update(fid_train=fid, fid_test=fid + 10, fid_difference=-10.0, ssim_generated=0.4)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}_results.json").write_text(json.dumps(result))
+
+
+def test_collects_every_result_into_one_csv_table_and_figure(dirs, capsys):
+    _, work, _ = dirs
+    results = work / "results"
+    write_result(results, "real", "real data", 0.89)
+    write_result(results, "DP_a_49_0.8", math.inf, 0.84, fid=62.0)
+    write_result(results, "DP_b_49_0.8", 7.4, 0.75, fid=244.0)
+    write_result(results, "DP_c_49_0.8", 3.1, 0.40)
+    (results / "WGAN_a").mkdir()  # a GAN's folder is not a result
+    rows = compare_results.main([])
+    assert [r["training_input"] for r in rows] == ["DP_a_49_0.8", "DP_b_49_0.8", "DP_c_49_0.8", "real"]
+    with open(results / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4
+    b = next(r for r in table if r["training_input"] == "DP_b_49_0.8")
+    assert float(b["epsilon"]) == 7.4 and float(b["test_dsc"]) == 0.75 and float(b["fid_train"]) == 244.0
+    c = next(r for r in table if r["training_input"] == "DP_c_49_0.8")
+    assert c["fid_train"].startswith("not computed")  # said, not replaced by a number
+    assert (results / "summary_vs_epsilon.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "test DSC" in out and "0.750" in out and "inf" in out and "not computed" in out
+
+
+def test_no_results_is_a_clear_error(dirs):
+    with pytest.raises(PipelineError, match="eval_unet.py"):
+        compare_results.main.__wrapped__([])
+
+
+def test_broken_result_file_is_named(dirs):
+    _, work, _ = dirs
+    (work / "results").mkdir(parents=True)
+    (work / "results" / "x_results.json").write_text("{not json")
+    with pytest.raises(PipelineError, match="x_results.json"):
+        compare_results.main.__wrapped__([])
