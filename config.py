@@ -21,6 +21,7 @@ PATIENT_IDS = None  # None: "<split>_<index>", the phantoms' ids; give a dict of
 VOLUME_SHAPE = (312, 384, 127)  # voxels of the phantoms, x y z (z axial)
 VOXEL_SPACING = (0.5, 0.5, 0.7)  # mm
 PHANTOM_SEED = 2022
+EXTERNAL_SPLITS = ("test2",)  # imaged with the phantoms' other protocol (the external 1000Plus set)
 
 # ---- Patch extraction (step 1) ----
 PATCH_SIZE = 96
@@ -59,6 +60,7 @@ GRAD_SAMPLE_MODE = "hooks"  # Opacus per-sample gradient engine
 THRESH = 0.8
 NR_E_SKIPPED = 5  # --epoch 9999: the epoch of minimum generator loss after skipping these
 GENERATION_BATCH = 500
+SYNTHESIS_SEED = 1  # generate_samples.py --seed: the latent draws
 
 # ---- U-Net (step 4), Livne et al. 2019 half U-Net ----
 UNET_KERNELS = (32, 64, 128, 256, 512)
@@ -79,6 +81,7 @@ N_SSIM_IMAGES = 1000
 N_TSNE_IMAGES = 500  # per group
 TSNE_PERPLEXITY = 30
 FID_BATCH = 50
+FID_N_IMAGES = None  # images per set for FID (seeded random subset); None: all, as the paper
 FID_WEIGHTS = None  # None: pytorch-fid's usual file in torch's hub cache (see README)
 EVAL_SEED = 3
 

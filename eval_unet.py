@@ -1,0 +1,44 @@
+"""Step 5: evaluate the U-Nets of one training input (SPEC "Evaluation", paper section 3.4).
+
+    python eval_unet.py --trial GAN1 --epoch 49 --thresh 0.8    # U-Nets trained on a synthetic set
+    python eval_unet.py --real                                  # U-Nets trained on the real patches
+
+Every U-Net of the grid segments the `val` volumes; the one with the best mean DSC segments `test` and `test2`
+(DSC, bAHD in mm). For a synthetic set also FID to the real train and test patches, SSIM and a t-SNE.
+Writes probability maps under work/predictions/, per-patient CSVs under work/results/<training input>/, and
+work/results/<training input>_results.txt (+ .json, an error map PNG), then prints the result file.
+Existing predictions are reused; --overwrite predicts again and replaces the result file.
+"""
+
+import argparse
+
+import config
+from utils.common import print_setup, script_main
+from utils.evaluation import evaluate_training_input
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trial", default=None, help="GAN trial of the synthetic set")
+    p.add_argument("--epoch", type=int, default=None,
+                   help="epoch of the synthetic set, as given to generate_samples.py")
+    p.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic set")
+    p.add_argument("--real", action="store_true", help="evaluate the U-Nets trained on the real patches")
+    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--fid_weights", default=None,
+                   help="pytorch-fid Inception weights file (default config.FID_WEIGHTS: pytorch-fid's usual file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="predict again (ignore cached probability maps) and replace the result file")
+    return p.parse_args(argv)
+
+
+@script_main
+def main(argv=None):
+    print_setup("eval_unet")
+    text, path = evaluate_training_input(parse_args(argv))
+    print(f"\n{path}:\n{text}", end="")
+    return path
+
+
+if __name__ == "__main__":
+    main()
