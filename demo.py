@@ -74,7 +74,7 @@ def main():
         select = ["--real"] if trial is None else ["--trial", trial, "--epoch", str(epoch), "--thresh", str(THRESH)]
         steps.append((f"U-Nets on {name}", ["run_unet.py", *select], None))
         steps.append((f"evaluation of {name}", ["eval_unet.py", *select],
-                      lambda n=name: common.results_stem(n).with_suffix(".json").is_file()))
+                      lambda n=name: common.result_paths(n)[1].is_file()))
     steps.append(("comparison table and figures", ["compare_results.py"], None))
     start = time.time()
     for i, (title, args, done) in enumerate(steps, 1):

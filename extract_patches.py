@@ -7,8 +7,8 @@ Example: python extract_patches.py --split train
 import argparse
 
 import config
-from utils.common import patches_path, print_setup, refuse_existing, save_figure, save_npz, script_main
-from utils.patches import extract_split, montage_figure, montage_path
+from utils.common import patches_path, print_setup, script_main
+from utils.patches import montage_path, write_patches
 
 
 @script_main
@@ -24,18 +24,10 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
 
-    out_path = patches_path(args.split)
-    montage_file = montage_path(args.split)
-    if not args.overwrite:
-        refuse_existing(out_path)
-        refuse_existing(montage_file)
-
-    patches = extract_split(args.split, args.seed, args.n_per_patient, args.n_vessel)
-    save_npz(out_path, **patches)
-    save_figure(montage_file, montage_figure(patches, args.seed))
+    patches = write_patches(args.split, args.seed, args.n_per_patient, args.n_vessel, args.overwrite)
     n_patients = len(set(patches["patient"]))
     print(f"{len(patches['img'])} patches ({n_patients} patients x {args.n_per_patient}, {args.n_vessel} "
-          f"vessel-centred each) -> {out_path}\nmontage -> {montage_file}")
+          f"vessel-centred each) -> {patches_path(args.split)}\nmontage -> {montage_path(args.split)}")
 
 
 if __name__ == "__main__":

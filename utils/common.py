@@ -181,5 +181,7 @@ def unet_dir(train_input):
     return config.WORK_DIR / "unets" / train_input
 
 
-def results_stem(train_input):
-    return config.WORK_DIR / "results" / f"{train_input}_results"
+def result_paths(train_input):
+    """(txt, json) result files of eval_unet.py; suffixes appended, as the name may hold a dot (thresh 0.8)."""
+    stem = config.WORK_DIR / "results" / f"{train_input}_results"
+    return Path(f"{stem}.txt"), Path(f"{stem}.json")

@@ -46,16 +46,15 @@ from utils.common import (
     patches_path,
     refuse_existing,
     resolve_device,
-    results_stem,
+    result_paths,
     save_figure,
     save_json,
-    save_npz,
     synthetic_path,
     train_input_name,
     unet_dir,
 )
 from utils.data import load_patient, patient_ids, validate_split
-from utils.patches import extract_split, gather_patches
+from utils.patches import gather_patches, write_patches
 from utils.unet import grid, load_unet, predict_patches, run_name
 
 Tile = namedtuple("Tile", "x0 y0 own_x own_y")
@@ -83,12 +82,6 @@ def tsne_path(train_input):
 
 def errormap_path(train_input):
     return config.WORK_DIR / "results" / f"{train_input}_errormap.png"
-
-
-def result_paths(train_input):
-    """(txt, json) result files; suffixes appended, as a training input's name may hold a dot (thresh 0.8)."""
-    stem = str(results_stem(train_input))
-    return Path(stem + ".txt"), Path(stem + ".json")
 
 
 # ---- whole-volume prediction ----
@@ -284,7 +277,7 @@ def ensure_test_patches():
     if not path.is_file():
         print(f"{path} does not exist: extracting the test patches (as `extract_patches.py --split test`)",
               flush=True)
-        save_npz(path, **extract_split("test", config.PATCH_SEED))
+        write_patches("test", config.PATCH_SEED)
     return path
 
 

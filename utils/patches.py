@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
 import config
-from utils.common import PipelineError, patches_path
+from utils.common import PipelineError, patches_path, refuse_existing, save_figure, save_npz
 from utils.data import load_patient, validate_split
 
 MONTAGE_PAIRS = 32
@@ -110,6 +110,19 @@ def extract_split(split, seed, n_patches=None, n_vessel=None, data_dir=None):
             out["img"][rows] = gather_patches(volume.img, centres)
             out["label"][rows] = gather_patches(volume.label, centres)
     return out
+
+
+def write_patches(split, seed, n_patches=None, n_vessel=None, overwrite=False):
+    """Extract a split's patches and write the patches file and its montage (refused if they exist, unless
+    overwrite); returns the patches."""
+    out_path, montage_file = patches_path(split), montage_path(split)
+    if not overwrite:
+        refuse_existing(out_path)
+        refuse_existing(montage_file)
+    patches = extract_split(split, seed, n_patches, n_vessel)
+    save_npz(out_path, **patches)
+    save_figure(montage_file, montage_figure(patches, seed))
+    return patches
 
 
 def montage_figure(patches, seed):
