@@ -13,6 +13,10 @@ import numpy as np
 import config
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class PipelineError(Exception):
     """A problem with the user's input or files; scripts print its message and exit with code 2."""
 
@@ -43,6 +47,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs are shared like any other file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
