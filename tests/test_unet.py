@@ -1,0 +1,246 @@
+"""utils/unet.py and run_unet.py (tiny preset: kernels 4..64, 1 epoch, batch 8, 2 U-Nets: augmentation on/off)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import run_unet
+from model import UNet
+from utils.common import minmax_scale, patches_path, save_npz, synthetic_path, unet_dir
+from utils.unet import (
+    augment,
+    grid,
+    load_unet,
+    predict_patches,
+    prepare_input,
+    run_name,
+    soft_dice_loss,
+    standardisation,
+    train_unet,
+    warp,
+)
+
+N = 8  # one U-Net = 2 N / batch = 2 steps
+
+
+def blob_patches(n, seed=0, scale=1000.0):
+    """Smooth bright blobs on a dark background (raw intensities) and their vessel-like label (blob > half)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:96, 0:96]
+    img = np.zeros((n, 96, 96), np.float32)
+    for i in range(n):
+        for _ in range(4):
+            cx, cy = rng.uniform(12, 84, 2)
+            width = rng.uniform(4, 10)
+            img[i] += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width ** 2))
+    img = scale * img / img.max(axis=(1, 2), keepdims=True)
+    label = (img > scale / 2).astype(np.uint8)
+    return img + rng.normal(0, scale / 100, img.shape).astype(np.float32), label
+
+
+def write_real(n=N, **overrides):
+    img, label = blob_patches(n)
+    arrays = {"img": img, "label": label, "patient": np.array(["train_000"] * n), **overrides}
+    save_npz(patches_path("train"), **arrays)
+    return img, label
+
+
+def train(*args):
+    return run_unet.main(list(args))
+
+
+def test_unet_maps_a_patch_to_probabilities_for_the_paper_kernels():
+    model = UNet(kernels=(32, 64, 128, 256, 512), dropout=0.1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 96, 96))
+    assert out.shape == (1, 1, 96, 96)
+    assert ((out > 0) & (out < 1)).all()
+
+
+def test_grid_and_run_names(monkeypatch):
+    monkeypatch.setattr(config, "UNET_LEARNING_RATES", (1e-4, 8e-5))
+    monkeypatch.setattr(config, "UNET_DROPOUTS", (0.0, 0.1))
+    monkeypatch.setattr(config, "UNET_AUGMENTATION", (True, False))
+    runs = grid()
+    assert len(runs) == 8 and len({run_name(r) for r in runs}) == 8
+    assert runs[0] == {"lr": 1e-4, "dropout": 0.0, "augmentation": True}
+    assert run_name(runs[-1]) == "lr8e-05_do0.1_aug0"
+
+
+def test_soft_dice_loss_on_hand_made_cases():
+    ones = torch.ones(2, 1, 4, 4)
+    zeros = torch.zeros(2, 1, 4, 4)
+    assert soft_dice_loss(ones, ones).item() == pytest.approx(-1.0)  # (2*32+1)/(64+1)
+    assert soft_dice_loss(zeros, zeros).item() == pytest.approx(-1.0)  # smoothing: 1/1
+    target = torch.zeros(1, 1, 2, 2)
+    target[0, 0, 0, 0] = 1
+    assert soft_dice_loss(torch.zeros(1, 1, 2, 2), ones[:1, :, :2, :2]).item() == pytest.approx(-1 / 5)
+    assert soft_dice_loss(torch.full((1, 1, 2, 2), 0.5), target).item() == pytest.approx(-(1 + 1) / (2 + 1 + 1))
+    # over the flattened batch, not a mean of per-sample values
+    pred = torch.stack([ones[0], zeros[0]])
+    truth = torch.stack([ones[0], ones[0]])
+    assert soft_dice_loss(pred, truth).item() == pytest.approx(-(2 * 16 + 1) / (16 + 32 + 1))
+
+
+def test_prepare_input_scales_per_patch_and_standardises():
+    img, _ = blob_patches(3)
+    img[1] = img[1] * 5 + 300  # a different intensity range gives the same input
+    out = prepare_input(img, 100.0, 50.0)
+    assert out.shape == (3, 1, 96, 96) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0], (minmax_scale(img, 0, 255) - 100) / 50, atol=1e-5)
+    np.testing.assert_allclose(out.min(axis=(1, 2, 3)), -2.0, atol=1e-5)
+    np.testing.assert_allclose(out.max(axis=(1, 2, 3)), (255 - 100) / 50, atol=1e-5)
+    as_torch = prepare_input(torch.from_numpy(img), 100.0, 50.0)
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_allclose(as_torch.numpy(), out, atol=1e-6)
+    mean, sd = standardisation(img)
+    scaled = minmax_scale(img, 0, 255).astype(np.float64)
+    assert mean == pytest.approx(scaled.mean()) and sd == pytest.approx(scaled.std(), rel=1e-6)
+
+
+def test_augmentation_keeps_image_and_label_aligned_and_binary():
+    img, _ = blob_patches(32, seed=1, scale=255.0)
+    img = minmax_scale(img, 0, 255)
+    label = (img > 100).astype(np.float32)
+    x, y = torch.from_numpy(img)[:, None], torch.from_numpy(label)[:, None]
+    torch.manual_seed(0)
+    xa, ya = augment(x, y, 0.0)
+    assert set(torch.unique(ya).tolist()) <= {0.0, 1.0}
+    agreement = ((xa > 100).float() == ya).float().mean(dim=(1, 2, 3))
+    assert agreement.min() > 0.98, agreement.min()  # disagreement only on the contour of interpolation
+    assert (xa - x).abs().mean() > 5  # it really transformed the images
+    assert xa.shape == x.shape and ya.shape == y.shape
+
+
+def test_warp_identity_flip_and_fill():
+    img, label = blob_patches(4)
+    x, y = torch.from_numpy(img)[:, None], torch.from_numpy(label.astype(np.float32))[:, None]
+    identity = torch.tensor([[1.0, 0, 0], [0, 1, 0]]).repeat(4, 1, 1)
+    xi, yi = warp(x, y, identity, fill=-3.0)
+    torch.testing.assert_close(xi, x, atol=1e-3, rtol=0)
+    torch.testing.assert_close(yi, y)
+    flip = torch.tensor([[1.0, 0, 0], [0, -1, 0]]).repeat(4, 1, 1)
+    xf, yf = warp(x, y, flip, fill=-3.0)
+    torch.testing.assert_close(xf, torch.flip(x, dims=[2]), atol=1e-3, rtol=0)  # up-down: the rows
+    torch.testing.assert_close(yf, torch.flip(y, dims=[2]))
+    shrink = torch.tensor([[2.0, 0, 0], [0, 2, 0]]).repeat(4, 1, 1)  # samples outside the input at the border
+    xs, ys = warp(x, y, shrink, fill=-3.0)
+    assert (xs[:, :, 0, 0] == -3.0).all() and (ys[:, :, 0, 0] == 0).all()
+
+
+def test_augmentation_off_is_identity_on_changes_the_batches(monkeypatch):
+    img, label = blob_patches(8)
+    images = torch.from_numpy(prepare_input(img, 100.0, 50.0))
+    labels = torch.from_numpy(label[:, None])
+    seen = []
+
+    def recording_forward(self, x):  # records the batches the U-Net is given; cheap and differentiable
+        seen.append(x.detach().clone())
+        return torch.sigmoid(x * self.head.weight.sum())
+
+    monkeypatch.setattr(UNet, "forward", recording_forward)
+    monkeypatch.setattr(config, "UNET_EPOCHS", 1)
+    for augmentation in (False, True):
+        seen.clear()
+        train_unet(images, labels, {"lr": 1e-3, "dropout": 0.0, "augmentation": augmentation}, 100.0, 50.0, 0)
+        batches = torch.cat(seen)
+        assert len(batches) == 2 * len(images)  # 2 N / batch steps of `batch` samples
+        matches = [any(torch.equal(b, i) for i in images) for b in batches]
+        assert all(matches) if not augmentation else not any(matches)
+
+
+def test_a_tiny_unet_learns(monkeypatch):
+    img, _ = blob_patches(8, seed=2)
+    label = (img > 250).astype(np.uint8)  # about 16 % vessel: a plain threshold the U-Net can learn
+    mean, sd = standardisation(img)
+    images = torch.from_numpy(prepare_input(img, mean, sd))
+    labels = torch.from_numpy(label[:, None])
+    monkeypatch.setattr(config, "UNET_EPOCHS", 6)  # 12 steps: the soft Dice leaves its plateau of p = 0.5 slowly
+    _, history = train_unet(images, labels, {"lr": 1e-2, "dropout": 0.0, "augmentation": False}, mean, sd, 0)
+    losses = [row["loss"] for row in history]
+    assert losses[-1] < losses[0] - 0.005 and losses == sorted(losses, reverse=True), losses
+
+
+def test_run_unet_on_real_patches_writes_models_and_skips_existing(dirs, capsys):
+    _, work, _ = dirs
+    img, label = write_real()
+    train("--real", "--device", "cpu")
+    folder = unet_dir("real")
+    runs = [folder / run_name(params) for params in grid()]
+    assert len(runs) == 2 and {p.name for p in folder.iterdir()} == {"lr0.001_do0_aug1", "lr0.001_do0_aug0"}
+    mean, sd = standardisation(img)
+    for run_dir in runs:
+        meta = json.loads((run_dir / "meta.json").read_text())
+        saved = torch.load(run_dir / "model.pt", weights_only=True)
+        assert meta["mean"] == pytest.approx(mean) and meta["sd"] == pytest.approx(sd)
+        assert saved["mean"] == pytest.approx(mean) and saved["sd"] == pytest.approx(sd)
+        assert {"lr", "dropout", "augmentation", "epochs", "batch_size", "kernels", "train_input", "n_train",
+                "seconds"} <= set(meta)
+        assert (meta["n_train"], meta["train_input"], meta["kernels"]) == (N, "real", list(config.UNET_KERNELS))
+        lines = (run_dir / "history.csv").read_text().splitlines()
+        assert lines[0] == "epoch,loss,seconds" and len(lines) == 1 + config.UNET_EPOCHS
+        model, loaded = load_unet(run_dir, "cpu")
+        assert not model.training and loaded["mean"] == pytest.approx(mean)
+        probs = predict_patches(model, img[:5], loaded, "cpu", batch_size=2)
+        assert probs.shape == (5, 96, 96) and probs.dtype == np.float32 and ((probs >= 0) & (probs <= 1)).all()
+    stamps = [(r / "model.pt").stat().st_mtime_ns for r in runs]
+    capsys.readouterr()
+    train("--real")
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2
+    assert [(r / "model.pt").stat().st_mtime_ns for r in runs] == stamps
+    (runs[1] / "model.pt").unlink()  # an unfinished run is trained again, the finished one is not
+    train("--real")
+    assert capsys.readouterr().out.count("skipped") == 1
+    assert (runs[0] / "model.pt").stat().st_mtime_ns == stamps[0]
+    first = torch.load(runs[0] / "model.pt", weights_only=True)["state_dict"]
+    train("--real", "--overwrite")
+    assert (runs[0] / "model.pt").stat().st_mtime_ns != stamps[0]
+    again = torch.load(runs[0] / "model.pt", weights_only=True)["state_dict"]
+    for key in first:  # seeded: retraining gives the same weights
+        torch.testing.assert_close(first[key], again[key])
+
+
+def test_run_unet_on_a_synthetic_set(dirs, monkeypatch):
+    monkeypatch.setattr(config, "UNET_AUGMENTATION", (False,))
+    img, label = blob_patches(N)
+    save_npz(synthetic_path("G", 3, 0.8), img=minmax_scale(img, 0, 255)[..., None], label=label[..., None])
+    train("--trial", "G", "--epoch", "3", "--thresh", "0.8")
+    meta = json.loads((unet_dir("DP_G_3_0.8") / "lr0.001_do0_aug0" / "meta.json").read_text())
+    assert meta["train_input"] == "DP_G_3_0.8" and meta["n_train"] == N
+
+
+def expect_error(capsys, *args):
+    with pytest.raises(SystemExit) as exit_:
+        train(*args)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_synthetic_set_names_the_command(dirs, capsys):
+    err = expect_error(capsys, "--trial", "G", "--epoch", "9999", "--thresh", "0.8")
+    assert "gen_patches_DP_G_9999_0.8.npz" in err
+    assert "python generate_samples.py --trial G --epoch 9999 --thresh 0.8" in err
+    assert "either --real or --trial" in expect_error(capsys, "--real", "--trial", "G", "--epoch", "1")
+    assert "either --real or --trial" in expect_error(capsys)
+    assert "extract_patches.py" in expect_error(capsys, "--real")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"img": None}, "lacks the arrays ['img']"),
+    ({"img": np.zeros((N, 64, 64), np.float32)}, "shape (8, 64, 64)"),
+    ({"label": np.full((N, 96, 96), 2, np.uint8)}, "not binary"),
+    ({"label": np.zeros((N - 1, 96, 96), np.uint8)}, "8 images but 7 labels"),
+    ({"img": np.full((N, 96, 96), np.nan, np.float32)}, "not finite"),
+])
+def test_malformed_patches_are_refused(dirs, capsys, overrides, message):
+    _, work, _ = dirs
+    img, label = blob_patches(N)
+    arrays = {"img": img, "label": label, **overrides}
+    save_npz(patches_path("train"), **{k: v for k, v in arrays.items() if v is not None})
+    err = expect_error(capsys, "--real")
+    assert message in err and str(patches_path("train")) in err
+    assert not (work / "unets").exists()

@@ -1,0 +1,242 @@
+"""Step 3: draw image-label pairs from a trained generator (SPEC "Synthesis").
+
+The label threshold compares the generator's RAW label output (tanh, in [-1, 1]) with `thresh`:
+label = 1 where output > thresh, else 0. The critic only ever saw real label channels of 0 and 1 (they
+are not rescaled to [-1, 1], see the contract's GAN input pair), so the generator learns to put background
+near 0 and vessels near 1, and `thresh` lives on that 0/1 label scale, as in the authors' code
+(`--thresh 0.8`: vessel where the output is above 0.8). It must therefore lie in [0, 1).
+
+The image channel is min-max scaled per patch to [0, 255], the U-Net's input scale.
+"""
+
+import csv
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import config
+from model import Generator
+from utils.common import (
+    PipelineError,
+    gan_model_dir,
+    gan_results_dir,
+    minmax_scale,
+    patches_path,
+    refuse_existing,
+    resolve_device,
+    save_figure,
+    save_json,
+    save_npz,
+    synthetic_path,
+)
+
+BEST_EPOCH = 9999  # --epoch 9999: the epoch of minimum generator loss after the skipped ones
+SHAPE_FLAGS = ("ngf", "kg", "strg", "padg", "opg", "upsampling")  # generate_samples.py flags = model_args keys
+GRID_PAIRS = 16  # image-label pairs shown in the PNG beside a synthetic set
+
+
+def checkpoint_path(trial, epoch):
+    return gan_model_dir(trial) / f"epoch_{epoch}.pth"
+
+
+def available_epochs(trial):
+    """The epochs with a generator checkpoint, sorted; a trial that does not exist is a PipelineError."""
+    folder = gan_model_dir(trial)
+    if not folder.is_dir():
+        raise PipelineError(f"GAN trial {trial!r} does not exist: no folder {folder} (train it with "
+                            f"`python run_gan.py --trial {trial}`)")
+    epochs = []
+    for path in folder.glob("epoch_*.pth"):
+        suffix = path.stem[len("epoch_"):]
+        if suffix.isdigit():
+            epochs.append(int(suffix))
+    return sorted(epochs)
+
+
+def read_log(trial):
+    """The trial's log.csv as a list of dicts (epoch int, every other column float; "inf" is math.inf)."""
+    path = gan_results_dir(trial) / "log.csv"
+    if not path.is_file():
+        raise PipelineError(f"GAN trial {trial!r}: its log {path} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        needed = {"epoch", "loss_g", "epsilon", "epsilon_valid"}
+        if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+            raise PipelineError(f"GAN log {path} lacks the columns {sorted(needed)} (it has {reader.fieldnames})")
+        try:
+            rows = [{k: (int(float(v)) if k == "epoch" else float(v)) for k, v in row.items()} for row in reader]
+        except (TypeError, ValueError) as err:
+            raise PipelineError(f"GAN log {path} has a value that is not a number: {err}") from None
+    if not rows:
+        raise PipelineError(f"GAN log {path} has no epochs")
+    return rows
+
+
+def read_trial_config(trial):
+    path = gan_results_dir(trial) / "config.json"
+    if not path.is_file():
+        raise PipelineError(f"GAN trial {trial!r}: its config {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"GAN config {path} is not valid JSON: {err}") from None
+
+
+def select_epoch(log, epoch, nr_e_skipped):
+    """`epoch` itself, or for 9999 the (first) epoch of minimum loss_g among the epochs >= nr_e_skipped."""
+    if epoch != BEST_EPOCH:
+        return epoch
+    candidates = [row for row in log if row["epoch"] >= nr_e_skipped]
+    if not candidates:
+        raise PipelineError(f"--epoch {BEST_EPOCH} --nr_e_skipped {nr_e_skipped}: the log has only the epochs "
+                            f"{[row['epoch'] for row in log]}, none left after skipping")
+    return min(candidates, key=lambda row: row["loss_g"])["epoch"]
+
+
+def load_generator(trial, epoch, flags):
+    """Build the generator of a checkpoint; `flags` = {shape flag: value or None}. Returns (generator, model_args).
+
+    A shape flag left at None takes the checkpoint's value; a flag that contradicts it is a PipelineError.
+    """
+    path = checkpoint_path(trial, epoch)
+    if not path.is_file():
+        epochs = available_epochs(trial)
+        raise PipelineError(f"GAN trial {trial!r} has no checkpoint for epoch {epoch} ({path}); the epochs that "
+                            f"exist are {', '.join(map(str, epochs)) if epochs else 'none'}")
+    try:
+        # weights_only=False: our own checkpoint, which also holds RNG states and the privacy accountant.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        model_args = dict(checkpoint["model_args"])
+        state = checkpoint["generator"]
+    except (KeyError, TypeError) as err:
+        raise PipelineError(f"checkpoint {path} lacks {err} (expected keys 'generator' and 'model_args')") from None
+    except Exception as err:  # torch raises many types for a damaged file
+        raise PipelineError(f"checkpoint {path} cannot be read: {err}") from None
+    for name in SHAPE_FLAGS:
+        given = flags.get(name)
+        if given is not None and given != model_args.get(name):
+            raise PipelineError(f"--{name} {given} contradicts the checkpoint {path}, which has {name}="
+                                f"{model_args.get(name)}; leave --{name} out to use the checkpoint's value")
+    generator_args = {k: model_args[k] for k in ("ngf", "kg", "strg", "padg", "opg", "latent_dim", "upsampling")}
+    generator = Generator(**generator_args)
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        raise PipelineError(f"checkpoint {path}: the generator does not match its model_args: {err}") from None
+    return generator.eval(), model_args
+
+
+def to_pairs(output, thresh):
+    """Generator output B x 2 x 96 x 96 (tanh) -> img float32 B x 96 x 96 x 1 in [0, 255] (per patch
+    min-max) and label uint8 B x 96 x 96 x 1 = (raw label output > thresh); see the module docstring."""
+    output = output.detach().float().cpu().numpy()
+    img = minmax_scale(output[:, 0], 0, 255)[..., None]
+    label = (output[:, 1] > thresh).astype(np.uint8)[..., None]
+    return img, label
+
+
+def generate(generator, n_samples, thresh, seed, device, batch_size=None):
+    """Draw n_samples pairs in batches (config.GENERATION_BATCH) with latent vectors from `seed`."""
+    batch_size = batch_size or config.GENERATION_BATCH
+    generator = generator.to(device)
+    latent = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same z on every device
+    img = np.empty((n_samples, 96, 96, 1), np.float32)
+    label = np.empty((n_samples, 96, 96, 1), np.uint8)
+    with torch.no_grad(), tqdm(total=n_samples, desc="generating", unit="pair") as bar:
+        for start in range(0, n_samples, batch_size):
+            stop = min(start + batch_size, n_samples)
+            z = torch.randn(stop - start, generator.latent_dim, 1, 1, generator=latent)
+            img[start:stop], label[start:stop] = to_pairs(generator(z.to(device)), thresh)
+            bar.update(stop - start)
+    return img, label
+
+
+def count_patches(path):
+    """The number of patches in a patches npz, read from the npy header of `label` without loading it."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("label.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(f)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise PipelineError(f"patches file {path} cannot be read (to count its patches): {err}") from None
+    return int(shape[0])
+
+
+def default_n_samples(trial_config):
+    """N of the training set: the patches file's count, or else the trial's config.json "n_samples"."""
+    path = patches_path("train")
+    if path.is_file():
+        return count_patches(path)
+    if trial_config.get("n_samples"):
+        return int(trial_config["n_samples"])
+    raise PipelineError(f"--n_samples not given, and neither {path} nor the trial's config.json says how many "
+                        f"training patches there are; pass --n_samples")
+
+
+def _json_number(value):
+    """Infinity (a non-private run) as the string "inf", which every JSON reader accepts."""
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
+
+
+def save_grid(path, img, label, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(GRID_PAIRS, len(img))
+    cols = 8
+    rows = max(1, math.ceil(2 * n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        axes.flat[2 * i].imshow(img[i, ..., 0], cmap="gray", vmin=0, vmax=255)
+        axes.flat[2 * i + 1].imshow(label[i, ..., 0], cmap="gray", vmin=0, vmax=1)
+    fig.suptitle(title)
+    save_figure(path, fig)
+
+
+def generate_samples(args):
+    """generate_samples.py: write synthetic_path(trial, epoch, thresh), its .json and a .png grid."""
+    if not 0 <= args.thresh < 1:
+        raise PipelineError(f"--thresh {args.thresh}: the label threshold must lie in [0, 1) (the real labels "
+                            f"are 0 and 1; see generate_samples.py --help)")
+    if args.n_samples is not None and args.n_samples < 1:
+        raise PipelineError(f"--n_samples {args.n_samples}: must be at least 1")
+    out = synthetic_path(args.trial, args.epoch, args.thresh)
+    if not args.overwrite:
+        refuse_existing(out)
+    available_epochs(args.trial)  # a missing trial fails here, before anything else is read
+    trial_config = read_trial_config(args.trial)
+    log = read_log(args.trial)
+    nr_e_skipped = config.NR_E_SKIPPED if args.nr_e_skipped is None else args.nr_e_skipped
+    epoch = select_epoch(log, args.epoch, nr_e_skipped)
+    generator, model_args = load_generator(args.trial, epoch, {name: getattr(args, name) for name in SHAPE_FLAGS})
+    row = next((r for r in log if r["epoch"] == epoch), None)
+    if row is None:
+        raise PipelineError(f"GAN log {gan_results_dir(args.trial) / 'log.csv'} has no row for epoch {epoch}")
+    n_samples = args.n_samples or default_n_samples(trial_config)
+    device = resolve_device(args.device)
+    print(f"trial {args.trial}, epoch {epoch}" + (f" (min loss_g after skipping {nr_e_skipped})"
+          if args.epoch == BEST_EPOCH else "") + f", {n_samples} pairs, thresh {args.thresh}, device {device}",
+          flush=True)
+    img, label = generate(generator, n_samples, args.thresh, args.seed, device)
+    run_args = trial_config.get("args", {})
+    info = {"trial": args.trial, "epoch_requested": args.epoch, "epoch": epoch, "thresh": args.thresh,
+            "n_samples": n_samples, "epsilon": _json_number(row["epsilon"]),
+            "epsilon_valid": _json_number(row["epsilon_valid"]), "noisem": _json_number(run_args.get("noisem")),
+            "dp_mode": run_args.get("dp_mode"), "seed": args.seed, "model_args": model_args,
+            "label_rule": "label = generator label output (tanh) > thresh"}
+    save_npz(out, img=img, label=label)
+    save_json(out.with_suffix(".json"), info)
+    save_grid(out.with_suffix(".png"), img, label, f"{out.stem} (epsilon {info['epsilon']})")
+    print(f"wrote {out} (+ .json, .png); vessel fraction {label.mean():.4f}", flush=True)
+    return Path(out)

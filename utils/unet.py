@@ -1,0 +1,287 @@
+"""Step 4: train the half U-Nets (Livne et al. 2019) of the grid on real or synthetic patches (SPEC "U-Net").
+
+Choices, where the SPEC leaves room:
+- Input: `prepare_input` scales every patch min-max to [0, 255] and standardises it by the mean and SD of the
+  min-max scaled training images (stored in model.pt and meta.json), for real and synthetic patches alike.
+- Loss: negative soft Dice with smooth 1 over the whole batch flattened, as the authors' Keras code did:
+  -(2 sum(p t) + 1) / (sum p + sum t + 1), one value per batch (not a mean over samples).
+- Steps: an epoch has 2 N // batch steps (at least 1). Its batches are consecutive slices of two fresh random
+  permutations of the training set, so every patch is seen at most (and, but for the remainder, exactly)
+  twice per epoch, like Keras's reshuffling iterator with steps_per_epoch = 2 N / batch.
+- Augmentation (on the device, one affine_grid/grid_sample call per batch): per sample a rotation uniform in
+  +-AUG_ROTATION_DEG, a shear uniform in +-AUG_SHEAR_DEG and, if AUG_VERTICAL_FLIP, an up-down flip with p 0.5;
+  the same transform for image and label; constant fill = intensity 0 of the [0, 255] scale for the image,
+  0 for the label; the label is interpolated bilinearly and thresholded at 0.5, so it stays binary.
+"""
+
+import csv
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import config
+from model import PATCH, UNet
+from utils.common import (
+    PipelineError,
+    atomic_write,
+    load_npz,
+    minmax_scale,
+    patches_path,
+    resolve_device,
+    save_json,
+    save_torch,
+    synthetic_path,
+    train_input_name,
+    unet_dir,
+    versions,
+)
+
+SMOOTH = 1.0
+STATS_CHUNK = 2048  # patches per chunk when scaling the training set (bounds the temporary memory)
+
+
+def grid():
+    """The U-Nets to train: every (lr, dropout, augmentation) of config, in a fixed order."""
+    return [{"lr": lr, "dropout": dropout, "augmentation": bool(aug)} for lr, dropout, aug in
+            itertools.product(config.UNET_LEARNING_RATES, config.UNET_DROPOUTS, config.UNET_AUGMENTATION)]
+
+
+def run_name(params):
+    return f"lr{params['lr']:g}_do{params['dropout']:g}_aug{int(params['augmentation'])}"
+
+
+def prepare_input(patches, mean, sd):
+    """N x 96 x 96 patches (numpy or torch) -> float32 N x 1 x 96 x 96: per patch min-max to [0, 255], then
+    (x - mean) / sd. A torch input gives a torch tensor on its device."""
+    if isinstance(patches, torch.Tensor):
+        return torch.from_numpy(prepare_input(patches.detach().cpu().numpy(), mean, sd)).to(patches.device)
+    scaled = minmax_scale(patches, 0, 255)
+    return ((scaled - np.float32(mean)) / np.float32(sd))[:, None]
+
+
+def standardisation(images):
+    """Mean and SD of the min-max scaled ([0, 255] per patch) images, accumulated in float64 by chunks."""
+    total = total_sq = 0.0
+    for start in range(0, len(images), STATS_CHUNK):
+        scaled = minmax_scale(images[start:start + STATS_CHUNK], 0, 255).astype(np.float64)
+        total += scaled.sum()
+        total_sq += np.square(scaled).sum()
+    count = images.size
+    mean = total / count
+    sd = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+    return float(mean), sd
+
+
+def soft_dice_loss(pred, target, smooth=SMOOTH):
+    """Negative soft Dice over the flattened batch: -(2 sum(p t) + smooth) / (sum p + sum t + smooth)."""
+    pred, target = pred.reshape(-1), target.reshape(-1).to(pred.dtype)
+    return -(2 * (pred * target).sum() + smooth) / (pred.sum() + target.sum() + smooth)
+
+
+def random_affines(n, device):
+    """n random 2 x 3 matrices for affine_grid: rotation, shear and up-down flip (module docstring)."""
+    rotation = torch.deg2rad((torch.rand(n, device=device) * 2 - 1) * config.AUG_ROTATION_DEG)
+    shear = torch.deg2rad((torch.rand(n, device=device) * 2 - 1) * config.AUG_SHEAR_DEG)
+    flip = torch.ones(n, device=device)
+    if config.AUG_VERTICAL_FLIP:
+        flip = torch.where(torch.rand(n, device=device) < 0.5, -flip, flip)
+    cos, sin = torch.cos(rotation), torch.sin(rotation)
+    rotate = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    # Keras's shear matrix [[1, -sin s], [0, cos s]]; the flip negates the vertical (row) coordinate.
+    shear_flip = torch.stack([torch.stack([torch.ones_like(shear), -torch.sin(shear) * flip], -1),
+                              torch.stack([torch.zeros_like(shear), torch.cos(shear) * flip], -1)], -2)
+    return torch.cat([rotate @ shear_flip, torch.zeros(n, 2, 1, device=device)], dim=2)
+
+
+def warp(images, labels, theta, fill):
+    """Apply per-sample affines theta (B x 2 x 3) to images and labels (B x 1 x H x W) with one grid_sample.
+
+    Outside the input the image takes the value `fill`, the label 0; the label is thresholded at 0.5."""
+    grid_ = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    both = torch.cat([images - fill, labels.to(images.dtype)], dim=1)
+    out = F.grid_sample(both, grid_, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[:, :1] + fill, (out[:, 1:] > 0.5).to(images.dtype)
+
+
+def augment(images, labels, fill):
+    return warp(images, labels, random_affines(len(images), images.device), fill)
+
+
+def check_training_arrays(data, path):
+    """Image and label arrays of N x 96 x 96 (or x 1), equal N, finite images, binary labels -> (img, label)."""
+    img, label = data["img"], data["label"]
+    for name, array in (("img", img), ("label", label)):
+        if array.ndim == 4 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim != 3 or array.shape[1:] != (PATCH, PATCH):
+            raise PipelineError(f"training set {path}: `{name}` has shape {data[name].shape}, expected N x {PATCH} "
+                                f"x {PATCH} (or N x {PATCH} x {PATCH} x 1)")
+        if name == "img":
+            img = array
+        else:
+            label = array
+    if len(img) != len(label):
+        raise PipelineError(f"training set {path}: {len(img)} images but {len(label)} labels")
+    if len(img) == 0:
+        raise PipelineError(f"training set {path} holds no patches")
+    if not np.issubdtype(img.dtype, np.number) or not np.isfinite(img).all():
+        raise PipelineError(f"training set {path}: `img` has values that are not finite numbers")
+    binary = label.max() <= 1 if np.issubdtype(label.dtype, np.unsignedinteger) else np.isin(label, (0, 1)).all()
+    if not binary:
+        values = np.unique(label)
+        raise PipelineError(f"training set {path}: `label` is not binary (values {values[:6].tolist()}"
+                            f"{', ...' if values.size > 6 else ''}; expected 0 and 1)")
+    return img.astype(np.float32, copy=False), label.astype(np.uint8, copy=False)
+
+
+def training_set(args):
+    """The real patches (--real) or a synthetic set (--trial/--epoch/--thresh) -> (img, label, path)."""
+    if args.real:
+        path = patches_path("train")
+        if not path.is_file():
+            raise PipelineError(f"real training patches {path} do not exist; make them with "
+                                f"`python extract_patches.py`")
+    else:
+        path = synthetic_path(args.trial, args.epoch, args.thresh)
+        if not path.is_file():
+            raise PipelineError(f"synthetic set {path} does not exist; make it with `python generate_samples.py "
+                                f"--trial {args.trial} --epoch {args.epoch} --thresh {args.thresh}`")
+    data = load_npz(path, ("img", "label"), "training set")
+    img, label = check_training_arrays(data, path)
+    return img, label, path
+
+
+def steps_per_epoch(n_train):
+    return max(1, 2 * n_train // config.UNET_BATCH_SIZE)
+
+
+def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
+    """Train one U-Net on prepared images (N x 1 x 96 x 96, standardised) and labels (N x 1 x 96 x 96, 0/1)
+    that are already on the training device. Returns (model, history rows)."""
+    torch.manual_seed(seed)
+    device = images.device
+    model = UNet(tuple(config.UNET_KERNELS), params["dropout"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"])
+    n, batch = len(images), config.UNET_BATCH_SIZE
+    steps = steps_per_epoch(n)
+    fill = (0.0 - mean) / sd  # intensity 0 of the [0, 255] scale, standardised
+    history = []
+    model.train()
+    with tqdm(total=config.UNET_EPOCHS * steps, desc=desc, unit="step") as bar:
+        for epoch in range(config.UNET_EPOCHS):
+            start, total = time.time(), 0.0
+            order = torch.cat([torch.randperm(n), torch.randperm(n)]).to(device)
+            for step in range(steps):
+                index = order[step * batch:(step + 1) * batch]
+                x, y = images[index], labels[index].float()
+                if params["augmentation"]:
+                    x, y = augment(x, y, fill)
+                loss = soft_dice_loss(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{total / (step + 1):.4f}")
+            history.append({"epoch": epoch, "loss": total / steps, "seconds": round(time.time() - start, 2)})
+    return model.eval(), history
+
+
+def _write_history(path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", "loss", "seconds"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def run_unets(args):
+    """run_unet.py: train every U-Net of the grid that does not exist yet (or all, with --overwrite)."""
+    if args.real == (args.trial is not None):
+        raise PipelineError("give either --real or --trial (with --epoch and --thresh), not both or neither")
+    if not args.real and args.epoch is None:
+        raise PipelineError("--trial needs --epoch (the synthetic set's epoch as given to generate_samples.py)")
+    img, label, path = training_set(args)
+    train_input = train_input_name(args)
+    folder = unet_dir(train_input)
+    runs = grid()
+    todo = []
+    for i, params in enumerate(runs):
+        if args.overwrite or not (folder / run_name(params) / "model.pt").exists():
+            todo.append(i)
+        else:
+            print(f"{folder / run_name(params)} exists; skipped (pass --overwrite to retrain)", flush=True)
+    if not todo:
+        return folder
+    device = resolve_device(args.device)
+    mean, sd = standardisation(img)
+    if sd == 0:
+        raise PipelineError(f"training set {path}: every patch is flat (SD 0 after min-max scaling)")
+    print(f"training set {path}: {len(img)} patches, mean {mean:.3f}, sd {sd:.3f}; device {device}", flush=True)
+    images = torch.empty((len(img), 1, PATCH, PATCH), dtype=torch.float32, device=device)
+    for start in range(0, len(img), STATS_CHUNK):
+        images[start:start + STATS_CHUNK] = torch.from_numpy(prepare_input(img[start:start + STATS_CHUNK], mean, sd))
+    labels = torch.from_numpy(label[:, None]).to(device)
+    for i in todo:
+        params = runs[i]
+        run_dir = folder / run_name(params)
+        start = time.time()
+        model, history = train_unet(images, labels, params, mean, sd, config.UNET_SEED + i,
+                                    desc=f"{train_input}/{run_name(params)}")
+        seconds = round(time.time() - start, 1)
+        meta = {**params, "epochs": config.UNET_EPOCHS, "batch_size": config.UNET_BATCH_SIZE,
+                "kernels": list(config.UNET_KERNELS), "steps_per_epoch": steps_per_epoch(len(img)),
+                "loss": "negative soft Dice, smooth 1, over the flattened batch", "mean": mean, "sd": sd,
+                "train_input": train_input, "train_path": str(path), "n_train": len(img), "seed": config.UNET_SEED + i,
+                "final_loss": history[-1]["loss"], "seconds": seconds, "device": str(device),
+                "preset": config.PRESET, "versions": versions()}
+        _write_history(run_dir / "history.csv", history)
+        save_json(run_dir / "meta.json", meta)
+        # model.pt last: its existence is what marks a finished run
+        save_torch(run_dir / "model.pt", {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                                          "kernels": list(config.UNET_KERNELS), "dropout": params["dropout"],
+                                          "mean": mean, "sd": sd})
+        print(f"{run_dir}: final loss {history[-1]['loss']:.4f}, {seconds} s", flush=True)
+    return folder
+
+
+def load_unet(run_dir, device=None):
+    """A trained U-Net in eval mode on `device` and its meta dict (meta.json, with mean and sd of model.pt)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise PipelineError(f"U-Net {path} does not exist (train it with run_unet.py)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = UNet(tuple(saved["kernels"]), saved["dropout"])
+        model.load_state_dict(saved["state_dict"])
+    except (KeyError, RuntimeError) as err:
+        raise PipelineError(f"U-Net {path} does not hold a matching model: {err}") from None
+    meta_path = run_dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta.update(mean=saved["mean"], sd=saved["sd"], kernels=list(saved["kernels"]), dropout=saved["dropout"],
+                run_dir=str(run_dir))
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(device).eval(), meta
+
+
+def predict_patches(model, patches, meta, device=None, batch_size=None):
+    """Vessel probabilities (float32 N x 96 x 96) of N x 96 x 96 patches, prepared with prepare_input."""
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    batch_size = batch_size or config.PREDICTION_BATCH
+    out = np.empty((len(patches), PATCH, PATCH), np.float32)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(patches), batch_size):
+            x = torch.from_numpy(prepare_input(np.asarray(patches[start:start + batch_size]), meta["mean"],
+                                               meta["sd"])).to(device)
+            out[start:start + len(x)] = model(x)[:, 0].float().cpu().numpy()
+    return out
