@@ -50,8 +50,8 @@ class Generator(nn.Module):
             layers = []
             for c_in, c_out in zip(channels, channels[1:] + [2]):
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 5, 1, 2, bias=False)]
-                layers += [_group_norm(c_out), nn.ReLU(True)] if c_out != 2 else [nn.Tanh()]
-            self.body = nn.Sequential(*layers)
+                layers += [_group_norm(c_out), nn.ReLU(True)]
+            self.body = nn.Sequential(*layers[:-2], nn.Tanh())  # the output layer: tanh, no normalisation
         else:
             if not 2 <= kg <= 5:
                 raise ValueError(f"kg={kg}: the first layer must map 1 x 1 to 3 x 3, which needs 2 <= kg <= 5")
@@ -64,9 +64,9 @@ class Generator(nn.Module):
                 _group_norm(channels[0]), nn.ReLU(True))
             layers = []
             for c_in, c_out in zip(channels, channels[1:] + [2]):
-                layers.append(nn.ConvTranspose2d(c_in, c_out, kg, strg, padg, opg, bias=False))
-                layers += [_group_norm(c_out), nn.ReLU(True)] if c_out != 2 else [nn.Tanh()]
-            self.body = nn.Sequential(*layers)
+                layers += [nn.ConvTranspose2d(c_in, c_out, kg, strg, padg, opg, bias=False),
+                           _group_norm(c_out), nn.ReLU(True)]
+            self.body = nn.Sequential(*layers[:-2], nn.Tanh())  # the output layer: tanh, no normalisation
         init_weights(self)
 
     def forward(self, z):

@@ -62,3 +62,11 @@ def test_unet_shapes_with_paper_kernels():
         out = unet(torch.randn(2, 1, PATCH, PATCH))
     assert out.shape == (2, 1, PATCH, PATCH)
     assert 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.parametrize("upsampling", [False, True])
+@pytest.mark.parametrize("ngf", [1, 2])
+def test_only_the_output_layer_has_tanh_even_when_hidden_layers_have_two_channels(ngf, upsampling):
+    body = [type(m).__name__ for m in Generator(ngf=ngf, upsampling=upsampling).body]
+    assert body.count("Tanh") == 1 and body[-1] == "Tanh"
+    assert body.count("GroupNorm") == 4  # layers 2-5; the stem holds layer 1's
