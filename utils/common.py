@@ -12,7 +12,6 @@ import numpy as np
 
 import config
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
