@@ -80,8 +80,10 @@ def format_table(rows):
 
     def cell(value, fmt):
         x = number(value)
-        if x is None:
-            return "-" if value is None else str(value).split(":")[0][:14]
+        if fmt == "{}" and x is None:  # names and "real data" in full
+            return "-" if value is None else str(value)
+        if x is None:  # "not computed: <why>", "not applicable (...)": the result file says the rest
+            return "-" if value is None else str(value).split(":")[0].split(" (")[0]
         return "inf" if math.isinf(x) else fmt.format(x) if fmt != "{}" else f"{x:.3g}"
 
     cells = [[head for head, _, _ in TABLE]] + [[cell(r[k], fmt) for _, k, fmt in TABLE] for r in rows]

@@ -1,0 +1,38 @@
+"""The whole experiment on the tiny preset, as a user runs it: every script in order, patches to result table."""
+
+import json
+import math
+
+import compare_results
+import eval_unet
+import extract_patches
+import generate_samples
+import make_phantoms
+import run_gan
+import run_unet
+from utils.common import result_paths
+
+
+def test_patches_to_result_files_and_comparison(dirs, capsys):
+    epoch = "1"  # tiny preset: 2 GAN epochs, zero-based
+    synthetic = ["--trial", "T", "--epoch", epoch, "--thresh", "0.8"]
+    make_phantoms.main([])
+    extract_patches.main(["--split", "train"])
+    run_gan.main(["--trial", "T", "--noisem", "1.5"])
+    generate_samples.main(synthetic)
+    for select in (synthetic, ["--real"]):
+        run_unet.main(select)
+        eval_unet.main(select)
+    rows = compare_results.main([])
+
+    private = json.loads(result_paths("DP_T_1_0.8")[1].read_text())
+    real = json.loads(result_paths("real")[1].read_text())
+    assert 0 < private["epsilon"] < math.inf and private["epsilon"] == private["epsilon_valid"]  # strict mode
+    assert real["epsilon"] == "real data"
+    for result in (private, real):
+        for split in ("val", "test", "test2"):
+            assert 0 <= result[f"{split}_dsc"]["mean"] <= 1
+    assert private["fid"].startswith("not computed") or private["fid_train"] >= 0
+    assert 0 < private["ssim_generated"] <= 1
+    assert {r["training_input"] for r in rows} == {"DP_T_1_0.8", "real"}
+    assert "test DSC" in capsys.readouterr().out
