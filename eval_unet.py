@@ -12,19 +12,14 @@ Existing predictions are reused; --overwrite predicts again and replaces the res
 
 import argparse
 
-import config
-from utils.common import print_setup, script_main
+from utils.common import add_device_arg, add_training_input_args, print_setup, script_main
 from utils.evaluation import evaluate_training_input
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trial", default=None, help="GAN trial of the synthetic set")
-    p.add_argument("--epoch", type=int, default=None,
-                   help="epoch of the synthetic set, as given to generate_samples.py")
-    p.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic set")
-    p.add_argument("--real", action="store_true", help="evaluate the U-Nets trained on the real patches")
-    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, ...")
+    add_training_input_args(p, real_help="evaluate the U-Nets trained on the real patches")
+    add_device_arg(p)
     p.add_argument("--fid_weights", default=None,
                    help="pytorch-fid Inception weights file (default config.FID_WEIGHTS: pytorch-fid's usual file)")
     p.add_argument("--overwrite", action="store_true",

@@ -9,7 +9,7 @@ writes work/synthetic/gen_patches_DP_<trial>_<epoch>_<thresh>.npz (`img` float32
 import argparse
 
 import config
-from utils.common import print_setup, script_main
+from utils.common import add_device_arg, print_setup, script_main
 from utils.synthesis import BEST_EPOCH, generate_samples
 
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
         shape.add_argument(f"--{name}", type=int, default=None)
     shape.add_argument("--upsampling", action=argparse.BooleanOptionalAction, default=None,
                        help="the upsampling generator variant")
-    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, ...")
+    add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set")
     return p.parse_args(argv)
 

@@ -14,7 +14,7 @@ import argparse
 from tqdm import tqdm
 
 import config
-from utils.common import print_setup, script_main
+from utils.common import add_device_arg, print_setup, script_main
 from utils.gan import GRAD_SAMPLE_MODES, PROGRESS_EVERY, GanTrial
 from utils.privacy import DP_MODES
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="generator variant: linear stem, nearest upsampling and 5x5 convolutions")
     p.add_argument("--dp_mode", default=config.DP_MODE, help=f"one of {', '.join(DP_MODES)} (see SPEC)")
     p.add_argument("--resume", action="store_true", help="continue the trial from its newest checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device_arg(p)
     p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE,
                    help=f"Opacus per-sample gradient engine: one of {', '.join(GRAD_SAMPLE_MODES)}")
     return p.parse_args(argv)

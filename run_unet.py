@@ -10,19 +10,14 @@ are config.UNET_* values.
 
 import argparse
 
-import config
-from utils.common import print_setup, script_main
+from utils.common import add_device_arg, add_training_input_args, print_setup, script_main
 from utils.unet import run_unets
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trial", default=None, help="GAN trial of the synthetic set")
-    p.add_argument("--epoch", type=int, default=None,
-                   help="epoch of the synthetic set, as given to generate_samples.py")
-    p.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic set")
-    p.add_argument("--real", action="store_true", help="train on the real training patches instead")
-    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, ...")
+    add_training_input_args(p, real_help="train on the real training patches instead")
+    add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="retrain U-Nets that exist already")
     return p.parse_args(argv)
 

@@ -181,6 +181,38 @@ def train_input_name(args):
     return "real" if getattr(args, "real", False) else synthetic_name(args.trial, args.epoch, args.thresh)
 
 
+def add_training_input_args(parser, real_help):
+    """The flags that choose a U-Net training input (run_unet.py, eval_unet.py): a synthetic set or --real."""
+    parser.add_argument("--trial", default=None, help="GAN trial of the synthetic set")
+    parser.add_argument("--epoch", type=int, default=None,
+                        help="epoch of the synthetic set, as given to generate_samples.py")
+    parser.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic set")
+    parser.add_argument("--real", action="store_true", help=real_help)
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, ...")
+
+
+def training_input(args):
+    """(name, data file) of the training input the flags choose; errors name the flag or the missing file."""
+    if args.real == (args.trial is not None):
+        raise PipelineError("give either --real or --trial (with --epoch and --thresh), not both or neither")
+    if args.real:
+        path = patches_path("train")
+        if not path.is_file():
+            raise PipelineError(f"real training patches {path} do not exist; make them with "
+                                f"`python extract_patches.py --split train`")
+        return "real", path
+    if args.epoch is None:
+        raise PipelineError("--trial needs --epoch (the synthetic set's epoch as given to generate_samples.py)")
+    path = synthetic_path(args.trial, args.epoch, args.thresh)
+    if not path.is_file():
+        raise PipelineError(f"synthetic set {path} does not exist; make it with `python generate_samples.py "
+                            f"--trial {args.trial} --epoch {args.epoch} --thresh {args.thresh}`")
+    return train_input_name(args), path
+
+
 def unet_dir(train_input):
     return config.WORK_DIR / "unets" / train_input
 

@@ -49,8 +49,7 @@ from utils.common import (
     result_paths,
     save_figure,
     save_json,
-    synthetic_path,
-    train_input_name,
+    training_input,
     unet_dir,
 )
 from utils.data import load_patient, patient_ids, validate_split
@@ -396,18 +395,11 @@ def save_errormap(train_input, best_run):
 # ---- the result file ----
 def training_input_info(args):
     """(train_input, training data path, synthetic set info or None, `run_unet.py` command) for the flags."""
-    if args.real == (args.trial is not None):
-        raise PipelineError("give either --real or --trial (with --epoch and --thresh), not both or neither")
+    train_input, path = training_input(args)
     if args.real:
-        return "real", patches_path("train"), None, "python run_unet.py --real"
-    if args.epoch is None:
-        raise PipelineError("--trial needs --epoch (the synthetic set's epoch as given to generate_samples.py)")
-    path = synthetic_path(args.trial, args.epoch, args.thresh)
-    if not path.is_file():
-        raise PipelineError(f"synthetic set {path} does not exist; make it with `python generate_samples.py --trial "
-                            f"{args.trial} --epoch {args.epoch} --thresh {args.thresh}`")
+        return train_input, path, None, "python run_unet.py --real"
     command = f"python run_unet.py --trial {args.trial} --epoch {args.epoch} --thresh {args.thresh}"
-    return train_input_name(args), path, read_set_info(path), command
+    return train_input, path, read_set_info(path), command
 
 
 def result_fields(train_input, data_path, set_info, selection, quality, files):

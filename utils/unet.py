@@ -32,12 +32,11 @@ from utils.common import (
     atomic_write,
     load_npz,
     minmax_scale,
-    patches_path,
     resolve_device,
     save_json,
     save_torch,
-    synthetic_path,
     train_input_name,
+    training_input,
     unet_dir,
     versions,
 )
@@ -142,16 +141,7 @@ def check_training_arrays(data, path):
 
 def training_set(args):
     """The real patches (--real) or a synthetic set (--trial/--epoch/--thresh) -> (img, label, path)."""
-    if args.real:
-        path = patches_path("train")
-        if not path.is_file():
-            raise PipelineError(f"real training patches {path} do not exist; make them with "
-                                f"`python extract_patches.py`")
-    else:
-        path = synthetic_path(args.trial, args.epoch, args.thresh)
-        if not path.is_file():
-            raise PipelineError(f"synthetic set {path} does not exist; make it with `python generate_samples.py "
-                                f"--trial {args.trial} --epoch {args.epoch} --thresh {args.thresh}`")
+    _, path = training_input(args)
     data = load_npz(path, ("img", "label"), "training set")
     img, label = check_training_arrays(data, path)
     return img, label, path
@@ -205,10 +195,6 @@ def _write_history(path, rows):
 
 def run_unets(args):
     """run_unet.py: train every U-Net of the grid that does not exist yet (or all, with --overwrite)."""
-    if args.real == (args.trial is not None):
-        raise PipelineError("give either --real or --trial (with --epoch and --thresh), not both or neither")
-    if not args.real and args.epoch is None:
-        raise PipelineError("--trial needs --epoch (the synthetic set's epoch as given to generate_samples.py)")
     img, label, path = training_set(args)
     train_input = train_input_name(args)
     folder = unet_dir(train_input)
