@@ -108,6 +108,17 @@ def load_npz(path, keys, what="file"):
         raise PipelineError(f"{what} {path} cannot be read as an npz file: {err}") from None
 
 
+def load_json(path, what="file", missing_hint=""):
+    """Parse a JSON file; a clear error names the file when it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} {path} does not exist{missing_hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{what} {path} is not valid JSON: {err}") from None
+
+
 def refuse_existing(path, flag="--overwrite"):
     if Path(path).exists():
         raise PipelineError(f"{path} exists already; pass {flag} to replace it (nothing was written)")

@@ -1,12 +1,11 @@
 """Every evaluated training input side by side: one CSV, one table, the paper's figures against epsilon."""
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import config
-from utils.common import PipelineError, atomic_write, save_figure
+from utils.common import PipelineError, atomic_write, load_json, save_figure
 
 # (CSV column, key in <train_input>_results.json, part of a {"mean", "sd"} value or None)
 COLUMNS = [
@@ -41,10 +40,7 @@ def collect(folder=None):
         raise PipelineError(f"no *_results.json in {folder}; run eval_unet.py first")
     rows = []
     for path in paths:
-        try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise PipelineError(f"{path} is not valid JSON: {err}") from None
+        result = load_json(path, "result file")
         row = {}
         for column, key, part in COLUMNS:
             value = result.get(key)

@@ -41,6 +41,7 @@ from utils import metrics
 from utils.common import (
     PipelineError,
     atomic_write,
+    load_json,
     load_npz,
     minmax_scale,
     patches_path,
@@ -317,13 +318,8 @@ def image_quality(generated, device, weights_path):
 
 def read_set_info(npz_path):
     """The JSON written beside a synthetic set (its epsilon etc.); a clear error if missing or unreadable."""
-    path = Path(npz_path).with_suffix(".json")
-    if not path.is_file():
-        raise PipelineError(f"synthetic set {npz_path} has no {path.name} beside it (written by generate_samples.py)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"{path} is not valid JSON: {err}") from None
+    return load_json(Path(npz_path).with_suffix(".json"), f"the information file of synthetic set {npz_path}",
+                     " (written by generate_samples.py)")
 
 
 def epsilon_of(info):

@@ -16,7 +16,6 @@ off (`critic_without_privacy_hooks`): their gradients are post-processing and ar
 """
 
 import csv
-import json
 import math
 import random
 import re
@@ -42,6 +41,7 @@ from utils.common import (
     config_values,
     gan_model_dir,
     gan_results_dir,
+    load_json,
     load_npz,
     minmax_scale,
     patches_path,
@@ -365,7 +365,7 @@ class GanTrial:
         if not epochs or not config_path.is_file():
             raise PipelineError(f"--resume: trial {trial!r} has nothing to resume (no checkpoint in {self.model_dir} "
                                 f"or no {config_path}); delete what is left of it and start it without --resume")
-        stored = json.loads(config_path.read_text())
+        stored = load_json(config_path, "trial config")
         different = [f"--{k} {v!r} (the trial has {stored['args'].get(k)!r})" for k, v in vars(self.args).items()
                      if k not in RESUMABLE_CHANGES and stored["args"].get(k) != v]
         if stored.get("n_samples") != self.n_samples:

@@ -10,7 +10,6 @@ The image channel is min-max scaled per patch to [0, 255], the U-Net's input sca
 """
 
 import csv
-import json
 import math
 import zipfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from utils.common import (
     PipelineError,
     gan_model_dir,
     gan_results_dir,
+    load_json,
     minmax_scale,
     patches_path,
     refuse_existing,
@@ -78,13 +78,7 @@ def read_log(trial):
 
 
 def read_trial_config(trial):
-    path = gan_results_dir(trial) / "config.json"
-    if not path.is_file():
-        raise PipelineError(f"GAN trial {trial!r}: its config {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"GAN config {path} is not valid JSON: {err}") from None
+    return load_json(gan_results_dir(trial) / "config.json", f"GAN trial {trial!r}: its config")
 
 
 def select_epoch(log, epoch, nr_e_skipped):
