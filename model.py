@@ -4,6 +4,7 @@ Self-contained: depends on torch only.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PATCH = 96  # the generator's output and the critic's input are 2 x 96 x 96
@@ -100,9 +101,27 @@ def init_weights(module):
             nn.init.normal_(m.weight, 0.0, INIT_STD)
 
 
+# Row k of the 4-tap kernel of a 2x nearest upsampling followed by a 3-tap (padding 1) convolution, as the sum
+# of the 3-tap rows t it gathers: an output pixel of the upsampled image sees only two distinct input pixels.
+_UPSAMPLED_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def conv_on_upsampled_and_skip(conv, low, skip):
+    """conv(cat([nearest 2x upsampling of low, skip])) for a 3x3 convolution with padding 1, computed without
+    the upsampled tensor or the concatenation: the same function (to float rounding), 2.25x fewer multiply-adds
+    on the upsampled channels. Their kernel part becomes a 4x4 transposed convolution of stride 2 on `low`
+    (each output pixel of the upsampled image sees 2 x 2 distinct input pixels); the rest convolves `skip`."""
+    c = low.shape[1]
+    taps = torch.tensor(_UPSAMPLED_TAPS, dtype=conv.weight.dtype, device=conv.weight.device)
+    w_low = torch.einsum("kt,lu,oitu->iokl", taps, taps, conv.weight[:, :c])
+    return (F.conv_transpose2d(low, w_low, stride=2, padding=1)
+            + F.conv2d(skip, conv.weight[:, c:], conv.bias, padding=1))
+
+
 class UNet(nn.Module):
     """Half U-Net: two 3x3 ReLU convolutions per level with dropout between, 2x2 max-pool down,
-    nearest 2x upsampling and concatenation up, 1x1 convolution and sigmoid: probabilities."""
+    nearest 2x upsampling and concatenation up, 1x1 convolution and sigmoid: probabilities.
+    Each up level's first convolution runs as conv_on_upsampled_and_skip (same function, faster)."""
 
     def __init__(self, kernels=(32, 64, 128, 256, 512), dropout=0.0, in_channels=1):
         super().__init__()
@@ -114,7 +133,6 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(self._level(kernels[i + 1] + kernels[i], kernels[i], dropout)
                                 for i in reversed(range(len(kernels) - 1)))
         self.pool = nn.MaxPool2d(2)
-        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.head = nn.Conv2d(kernels[0], 1, 1)
 
     @staticmethod
@@ -130,5 +148,5 @@ class UNet(nn.Module):
                 skips.append(x)
                 x = self.pool(x)
         for level, skip in zip(self.up, reversed(skips)):
-            x = level(torch.cat([self.upsample(x), skip], dim=1))
+            x = level[1:](conv_on_upsampled_and_skip(level[0], x, skip))
         return torch.sigmoid(self.head(x))

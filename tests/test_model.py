@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from model import INIT_STD, PATCH, Discriminator, Generator, UNet, critic_sizes, generator_sizes
+from model import (
+    INIT_STD,
+    PATCH,
+    Discriminator,
+    Generator,
+    UNet,
+    conv_on_upsampled_and_skip,
+    critic_sizes,
+    generator_sizes,
+)
 
 torch.set_num_threads(1)  # the test machine's cores are shared: extra threads only spin
 
@@ -62,6 +71,24 @@ def test_unet_shapes_with_paper_kernels():
         out = unet(torch.randn(2, 1, PATCH, PATCH))
     assert out.shape == (2, 1, PATCH, PATCH)
     assert 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (5, 9)])
+def test_up_level_convolution_equals_upsample_concatenate_convolve(shape):
+    """The U-Net's fast up-level path computes the same values and gradients as the textbook formulation,
+    also at odd sizes and at the borders (where the zero padding must fall on the same pixels)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(7 + 3, 4, 3, padding=1)
+    low = torch.randn(2, 7, *shape, requires_grad=True)
+    skip = torch.randn(2, 3, 2 * shape[0], 2 * shape[1], requires_grad=True)
+    plain = conv(torch.cat([nn.Upsample(scale_factor=2, mode="nearest")(low), skip], dim=1))
+    fast = conv_on_upsampled_and_skip(conv, low, skip)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(plain)
+    grads_plain = torch.autograd.grad(plain, [low, skip, conv.weight, conv.bias], upstream)
+    grads_fast = torch.autograd.grad(fast, [low, skip, conv.weight, conv.bias], upstream)
+    for g_fast, g_plain in zip(grads_fast, grads_plain):
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("upsampling", [False, True])

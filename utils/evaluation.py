@@ -125,7 +125,7 @@ def predict_volume(model, meta, img, mask, device=None, batch_size=None):
     """Vessel probability map (float32, img's shape) of one volume.
 
     The tiles of every slice with brain are gathered and predicted together, batch_size
-    (config.PREDICTION_BATCH) tiles per forward pass, each prepared by utils.unet.prepare_input."""
+    tiles per forward pass (default: see utils.unet.predict_patches), each prepared by prepare_input."""
     if img.shape != mask.shape:
         raise PipelineError(f"image of shape {img.shape} and brain mask of shape {mask.shape} differ")
     check_in_plane(img.shape, "the volume")
@@ -136,8 +136,7 @@ def predict_volume(model, meta, img, mask, device=None, batch_size=None):
     if not plan:
         return prob
     centres = np.array([(tile.x0 + half, tile.y0 + half, z) for z, tile in plan])
-    tiles_prob = predict_patches(model, gather_patches(img, centres), meta, device,
-                                 batch_size or config.PREDICTION_BATCH)
+    tiles_prob = predict_patches(model, gather_patches(img, centres), meta, device, batch_size)
     for (z, tile), tile_prob in zip(plan, tiles_prob):
         own = (slice(tile.own_x.start - tile.x0, tile.own_x.stop - tile.x0),
                slice(tile.own_y.start - tile.y0, tile.own_y.stop - tile.y0))
