@@ -27,7 +27,6 @@ Choices, where the SPEC leaves room:
 import csv
 import datetime
 import gzip
-import json
 import math
 from collections import namedtuple
 from pathlib import Path
@@ -400,7 +399,7 @@ def training_input_info(args):
 def result_fields(train_input, data_path, set_info, selection, quality, files):
     """The result as (text label, JSON key, value) triples, in the order of the text file."""
     best = selection["best"]
-    meta = json.loads((best / "meta.json").read_text()) if (best / "meta.json").is_file() else {}
+    meta = load_json(best / "meta.json", "U-Net meta") if (best / "meta.json").is_file() else {}
     hyper = {k: meta.get(k) for k in ("lr", "dropout", "augmentation", "epochs", "batch_size", "kernels", "n_train")}
     if set_info is None:
         privacy = [("epsilon", "epsilon", "real data"), ("epsilon (valid bound)", "epsilon_valid", "real data")]

@@ -16,7 +16,6 @@ Choices, where the SPEC leaves room:
 
 import csv
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from model import PATCH, UNet
 from utils.common import (
     PipelineError,
     atomic_write,
+    load_json,
     load_npz,
     minmax_scale,
     resolve_device,
@@ -252,7 +252,7 @@ def load_unet(run_dir, device=None):
     except (KeyError, RuntimeError) as err:
         raise PipelineError(f"U-Net {path} does not hold a matching model: {err}") from None
     meta_path = run_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = load_json(meta_path, "U-Net meta") if meta_path.is_file() else {}
     meta.update(mean=saved["mean"], sd=saved["sd"], kernels=list(saved["kernels"]), dropout=saved["dropout"],
                 run_dir=str(run_dir))
     device = device if isinstance(device, torch.device) else resolve_device(device)
