@@ -6,6 +6,7 @@ The authors' command works as written:
         --epochs 50 --seed 12
 --dp_mode strict (default) accounts validly; --dp_mode paper runs the authors' loop and reports both its
 epsilon and the valid one. --noisem inf trains without privacy. --resume continues from the newest checkpoint.
+Seeded runs replay exactly (research); a run whose synthetic data will be shared should use --secure_rng.
 Outputs: gan_model_dir(trial)/epoch_<e>.pth and gan_results_dir(trial)/{config.json, log.csv, *.png}.
 """
 
@@ -43,6 +44,10 @@ def parse_args(argv=None):
                    help="generator variant: linear stem, nearest upsampling and 5x5 convolutions")
     p.add_argument("--dp_mode", default=config.DP_MODE, help=f"one of {', '.join(DP_MODES)} (see SPEC)")
     p.add_argument("--resume", action="store_true", help="continue the trial from its newest checkpoint")
+    p.add_argument("--secure_rng", action="store_true",
+                   help="draw the DP noise and the Poisson batches from a generator seeded from the operating "
+                        "system's entropy, recorded nowhere that is released (use it for a run whose data will be "
+                        "shared; --seed still seeds the networks' initialisation)")
     add_device_arg(p)
     p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE,
                    help=f"Opacus per-sample gradient engine: one of {', '.join(GRAD_SAMPLE_MODES)}")

@@ -13,13 +13,26 @@ import torch
 import config
 import generate_samples
 from model import Generator
+from utils import privacy
 from utils.common import PipelineError, gan_model_dir, gan_results_dir, patches_path, save_npz, synthetic_path
+from utils.gan import LOG_COLUMNS
 from utils.synthesis import count_patches, select_epoch, to_pairs
 
 TRIAL = "T1"
 MODEL_ARGS = dict(ngf=4, kg=4, strg=2, padg=1, opg=0, latent_dim=16, upsampling=False, ndf=2, kd=4, strd=2)
 LOSS_G = [-9.0, 3.0, 0.5, 0.2, 0.9]  # epoch 0 is the global minimum, epoch 3 the minimum after skipping 1
-EPSILON = [0.5, 1.0, 1.5, 2.0, 2.5]
+N_TRAIN, SAMPLE_RATE, STEPS_PER_EPOCH = 12, 0.25, 10
+
+
+def accountant_state(epoch, noisem):
+    """The accountant dict of run_gan.py's checkpoint after `epoch` (strict: STEPS_PER_EPOCH steps an epoch)."""
+    history = [] if math.isinf(noisem) else [(noisem, SAMPLE_RATE, STEPS_PER_EPOCH * (epoch + 1))]
+    return {"history": history, "generator_updates": 5 * (epoch + 1), "sample_rate": SAMPLE_RATE,
+            "delta": 1 / N_TRAIN, "dp_mode": "strict"}
+
+
+def epsilon_after(epoch, noisem=1.0, accountant="rdp"):
+    return privacy.epsilon_from_history(accountant_state(epoch, noisem)["history"], 1 / N_TRAIN, accountant)
 
 
 def label_layers(generator):
@@ -46,18 +59,18 @@ def make_trial(work, label_weight=None, epochs=(0, 1, 2, 3, 4), noisem=1.0, tria
     models.mkdir(parents=True, exist_ok=True)
     for epoch in epochs:
         torch.save({"epoch": epoch, "generator": generator.state_dict(), "model_args": MODEL_ARGS,
-                    "rng": torch.get_rng_state()}, models / f"epoch_{epoch}.pth")
+                    "accountant": accountant_state(epoch, noisem), "rng": torch.get_rng_state()},
+                   models / f"epoch_{epoch}.pth")
     results = gan_results_dir(trial)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "config.json").write_text(json.dumps({"args": {"trial": trial, "noisem": noisem, "dp_mode": "strict"},
-                                                     "n_samples": 12, "delta": 1 / 12}))
+    args = {"trial": trial, "noisem": noisem, "dp_mode": "strict", "max_norm_dp": 1.0, "n_discr": 2}
+    (results / "config.json").write_text(json.dumps({"args": args, "n_samples": N_TRAIN, "delta": 1 / N_TRAIN}))
     with open(results / "log.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow("epoch,loss_d,loss_g,wasserstein,d_real,d_fake,epsilon,epsilon_valid,steps,seconds".split(","))
-        for epoch, (loss_g, eps) in enumerate(zip(LOSS_G, EPSILON)):
-            eps_text = "inf" if math.isinf(noisem) else eps
-            valid_text = "inf" if math.isinf(noisem) else 2 * eps
-            writer.writerow([epoch, 0.1, loss_g, 0.0, 0.0, 0.0, eps_text, valid_text, 10 * (epoch + 1), 1.0])
+        writer.writerow(LOG_COLUMNS)
+        for epoch, loss_g in enumerate(LOSS_G):
+            eps = "inf" if math.isinf(noisem) else epsilon_after(epoch, noisem)
+            writer.writerow([epoch, 0.1, loss_g, 0.0, 0.0, 0.0, eps, eps, eps, STEPS_PER_EPOCH * (epoch + 1), 1.0])
     return generator
 
 
@@ -89,7 +102,7 @@ def test_generated_files_have_the_documented_keys_shapes_and_ranges(dirs):
             "dp_mode", "seed"} <= set(info)
     assert (info["trial"], info["epoch_requested"], info["epoch"], info["thresh"], info["n_samples"]) == \
         (TRIAL, 2, 2, config.THRESH, 20)
-    assert (info["epsilon"], info["epsilon_valid"], info["noisem"], info["dp_mode"]) == (1.5, 3.0, 1.0, "strict")
+    assert (info["epsilon"], info["noisem"], info["dp_mode"]) == (epsilon_after(2), 1.0, "strict")
     assert info["seed"] == config.SYNTHESIS_SEED
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -129,18 +142,31 @@ def test_forced_label_output_is_thresholded(dirs, label_weight, thresh, expected
     assert (label == expected).all()
 
 
-def test_epoch_9999_picks_min_generator_loss_after_skipping(dirs):
+def test_epoch_9999_picks_min_generator_loss_and_carries_the_epsilon_of_the_last_epoch_it_looked_at(dirs):
     _, work, _ = dirs
     make_trial(work)
     generate("--epoch", 9999, "--nr_e_skipped", 1, "--n_samples", 2)
     info = load_set(9999)[1]
-    assert (info["epoch_requested"], info["epoch"], info["epsilon"]) == (9999, 3, 2.0)
+    assert (info["epoch_requested"], info["epoch"]) == (9999, 3)
+    # The choice looked at the losses of epochs 1-4, which depend on the critic up to epoch 4: epoch 4's epsilon.
+    assert info["epsilon"] == info["epsilon_valid"] == pytest.approx(epsilon_after(4))
+    assert info["epsilon_valid"] > epsilon_after(3)
+    assert info["epsilon_valid_prv"] == pytest.approx(epsilon_after(4, accountant="prv"))
+    assert info["selection"]["epochs_seen"] == [1, 2, 3, 4] and info["selection"]["privacy_of_epoch"] == 4
     rows = [{"epoch": e, "loss_g": g} for e, g in enumerate(LOSS_G)]
-    assert select_epoch(rows, 9999, 0) == 0
-    assert select_epoch(rows, 9999, 4) == 4
-    assert select_epoch(rows, 2, 4) == 2
+    assert select_epoch(rows, 9999, 0)[0] == 0
+    assert select_epoch(rows, 9999, 4)[0] == 4
+    assert select_epoch(rows, 2, 4) == (2, {"rule": "epoch 2, named by the user", "epochs_seen": [],
+                                            "privacy_of_epoch": 2})
     with pytest.raises(PipelineError, match="none left"):
         select_epoch(rows, 9999, 5)
+
+
+def test_a_named_epoch_carries_its_own_epsilon(dirs):
+    _, work, _ = dirs
+    make_trial(work)
+    generate("--epoch", 1, "--n_samples", 2)
+    assert load_set(1)[1]["epsilon_valid"] == pytest.approx(epsilon_after(1))
 
 
 def test_default_nr_e_skipped_and_n_samples(dirs, monkeypatch):

@@ -19,6 +19,7 @@ import csv
 import math
 import random
 import re
+import secrets
 import time
 import warnings
 from contextlib import contextmanager
@@ -52,8 +53,8 @@ from utils.common import (
     versions,
 )
 
-LOG_COLUMNS = ("epoch", "loss_d", "loss_g", "wasserstein", "d_real", "d_fake", "epsilon", "epsilon_valid", "steps",
-               "seconds")
+LOG_COLUMNS = ("epoch", "loss_d", "loss_g", "wasserstein", "d_real", "d_fake", "epsilon", "epsilon_valid",
+               "epsilon_valid_prv", "steps", "seconds")
 LOAD_CHUNK = 4096  # patches scaled at a time when loading
 N_FIXED_SAMPLES = 8  # generator samples drawn from one fixed noise batch after every epoch
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -67,7 +68,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 # ---- data ----
 def load_real_pairs():
-    """Training pairs, float32 N x 2 x 96 x 96: image min-max scaled per patch to [-1, 1], label 0/1."""
+    """(pairs, patients): training pairs, float32 N x 2 x 96 x 96 (image min-max scaled per patch to [-1, 1],
+    label 0/1), and the patches file's patient id of every pair (None if the file has no `patient` array)."""
     path = patches_path("train")
     if not path.is_file():
         raise PipelineError(f"patches file {path} does not exist; run extract_patches.py first")
@@ -83,7 +85,28 @@ def load_real_pairs():
         chunk = slice(start, start + LOAD_CHUNK)
         pairs[chunk, 0] = minmax_scale(img[chunk], -1, 1)
         pairs[chunk, 1] = label[chunk]
-    return torch.from_numpy(pairs)
+    patients = arrays.get("patient")
+    if patients is not None and len(patients) != len(img):
+        raise PipelineError(f"patches file {path}: {len(patients)} patient ids for {len(img)} patches")
+    return torch.from_numpy(pairs), patients
+
+
+def largest_patient_group(patients):
+    """The most patches any one patient contributes (the group of the per-patient statement)."""
+    if patients is None:
+        return config.PATCHES_PER_PATIENT
+    return int(np.unique(patients, return_counts=True)[1].max())
+
+
+def seed_generators(seed, secure_rng, device):
+    """(Poisson sampler generator on the CPU, DP noise generator on `device`).
+
+    Seeded from `seed` for research runs that must replay exactly; with secure_rng from 64 bits of the operating
+    system's entropy, which are written nowhere (the checkpoints keep the generators' states, so --resume works).
+    They are PyTorch's ordinary generators, not a cryptographic one: Opacus's own secure_mode needs torchcsprng,
+    which has no build for this torch."""
+    seeds = [secrets.randbits(64), secrets.randbits(64)] if secure_rng else [seed, seed + 2]
+    return (torch.Generator().manual_seed(seeds[0]), torch.Generator(device=device).manual_seed(seeds[1]))
 
 
 def poisson_sampler(n_samples, batch_size, generator):
@@ -120,7 +143,7 @@ def build_networks(margs):
 
 
 def make_private_critic(critic, optimizer, data, batch_size, noise_multiplier, max_grad_norm, grad_sample_mode,
-                        generator=None):
+                        generator=None, noise_generator=None):
     """Wrap the critic and its optimizer with Opacus; returns (critic, dp_optimizer, engine, sampler).
 
     The loader is Opacus's Poisson DPDataLoader at rate q = batch / N (SPEC). make_private itself would derive
@@ -132,7 +155,8 @@ def make_private_critic(critic, optimizer, data, batch_size, noise_multiplier, m
     loader = DPDataLoader(TensorDataset(data), sample_rate=batch_size / len(data), generator=generator)
     private = engine.make_private(module=critic, optimizer=optimizer, data_loader=loader,
                                   noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                  poisson_sampling=False, grad_sample_mode=grad_sample_mode)
+                                  poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+                                  noise_generator=noise_generator)
     critic, optimizer = private[0], private[1]  # ghost mode also returns a criterion, unused here
     critic.forbid_grad_accumulation()  # make_private does this only when it builds the Poisson loader itself
     optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=batch_size / len(data)))
@@ -262,17 +286,18 @@ def load_checkpoint(path, device="cpu"):
         raise PipelineError(f"checkpoint {path} cannot be read: {err}") from None
 
 
-def rng_states(sampler_generator):
+def rng_states(sampler_generator, noise_generator):
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
+    return {"torch": torch.get_rng_state(), "noise": noise_generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
                       float(np_state[4])),
             "python": random.getstate(), "sampler": sampler_generator.get_state()}
 
 
-def restore_rng_states(states, sampler_generator):
+def restore_rng_states(states, sampler_generator, noise_generator):
     torch.set_rng_state(states["torch"])
+    noise_generator.set_state(states["noise"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     name, keys, pos, has_gauss, cached = states["numpy"]
@@ -288,8 +313,9 @@ class GanTrial:
     def __init__(self, args):
         self.args = args
         self.validate_flags(args)
-        self.data = load_real_pairs()
+        self.data, patients = load_real_pairs()
         self.n_samples = len(self.data)
+        self.patient_group = largest_patient_group(patients)
         try:
             privacy.check_settings(batch_size=args.batch_size, n_samples=self.n_samples)
         except ValueError as err:
@@ -308,7 +334,7 @@ class GanTrial:
         self.start_epoch, self.generator_updates, self.log_rows = 0, 0, []
         self._check_trial_folders()  # nothing is written before this point
 
-        self.sampler_generator = torch.Generator().manual_seed(args.seed)
+        self.sampler_generator, self.noise_generator = seed_generators(args.seed, args.secure_rng, self.device)
         self.fixed_noise = torch.randn(N_FIXED_SAMPLES, config.LATENT_DIM,
                                        generator=torch.Generator().manual_seed(args.seed + 1)).to(self.device)
         self.generator.to(self.device)
@@ -319,7 +345,7 @@ class GanTrial:
         if self.private:
             self.d, self.opt_d, self.engine, sampler = make_private_critic(
                 self.critic, opt_d, self.data, args.batch_size, args.noisem, args.max_norm_dp, args.grad_sample_mode,
-                self.sampler_generator)
+                self.sampler_generator, self.noise_generator)
             self.critic_step_fn = private_critic_step if args.dp_mode == "strict" else paper_critic_step
         else:
             self.d, self.opt_d, self.engine = self.critic, opt_d, None
@@ -328,7 +354,7 @@ class GanTrial:
         if checkpoint is not None:
             if self.private:
                 self.engine.accountant.history = [tuple(h) for h in checkpoint["accountant"]["history"]]
-            restore_rng_states(checkpoint["rng"], self.sampler_generator)
+            restore_rng_states(checkpoint["rng"], self.sampler_generator, self.noise_generator)
         else:
             self._write_config()
         self.indices = endless(sampler)
@@ -390,7 +416,8 @@ class GanTrial:
         save_json(self.results_dir / "config.json",
                   {"args": vars(self.args), "preset": config.PRESET, "versions": versions(), "config": config_values(),
                    "n_samples": self.n_samples, "delta": self.delta, "sample_rate": self.sample_rate,
-                   "updates_per_epoch": self.updates_per_epoch})
+                   "updates_per_epoch": self.updates_per_epoch, "patches_per_patient_max": self.patient_group,
+                   "seeded": not self.args.secure_rng})
         self.model_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the loop's verbs --
@@ -444,37 +471,49 @@ class GanTrial:
     def accounted_steps(self):
         return sum(h[2] for h in self.engine.accountant.history) if self.private else 0
 
-    def epsilon(self):
-        """(epsilon as accounted by the DP optimizer's hook, valid epsilon); inf for a non-private run."""
-        if not self.private:
-            return math.inf, math.inf
-        eps = privacy.epsilon_from_history(self.engine.accountant.history, self.delta)
+    def valid_history(self):
+        """The accountant history that is a valid bound for the loop run (strict: the DP optimizer's own)."""
         if self.args.dp_mode == "strict":
-            return eps, eps
-        valid = privacy.valid_paper_history(self.args.noisem, self.sample_rate, self.generator_updates,
-                                            self.args.n_discr)
-        return eps, privacy.epsilon_from_history(valid, self.delta)
+            return self.engine.accountant.history
+        return privacy.valid_paper_history(self.args.noisem, self.sample_rate, self.generator_updates,
+                                           self.args.n_discr)
+
+    def epsilon(self, prv=False):
+        """(epsilon as accounted by the DP optimizer's hook, valid RDP epsilon[, valid PRV epsilon]); inf for a
+        non-private run. In paper mode the first is the paper's count, not a valid bound."""
+        if not self.private:
+            return (math.inf,) * (3 if prv else 2)
+        counted = privacy.epsilon_from_history(self.engine.accountant.history, self.delta)
+        valid = self.valid_history()
+        strict = self.args.dp_mode == "strict"
+        values = (counted, counted if strict else privacy.epsilon_from_history(valid, self.delta))
+        return values + (privacy.epsilon_from_history(valid, self.delta, "prv"),) if prv else values
 
     def progress(self):
         means = self.epoch_means()
-        return {"loss_d": f"{means['loss_d']:.4f}", "loss_g": f"{means['loss_g']:.4f}",
-                "eps": f"{self.epsilon()[0]:.3f}"}
+        counted, valid = self.epsilon()
+        shown = {"eps": f"{valid:.3f}"} if self.args.dp_mode == "strict" else \
+            {"eps_valid": f"{valid:.3g}", "eps_paper_count(invalid)": f"{counted:.3f}"}
+        return {"loss_d": f"{means['loss_d']:.4f}", "loss_g": f"{means['loss_g']:.4f}", **shown}
+
+    def per_patient(self):
+        return privacy.group_privacy(self.epsilon()[1], self.delta, self.patient_group)
 
     # -- end of an epoch: checkpoint, log, figures --
     def end_epoch(self):
         epoch = self.epoch
         # The last update may have broken a network without any loss showing it yet: never save that.
         self._check_finite("network weights", torch.cat([p.detach().flatten() for p in self.parameters()]))
-        epsilon, epsilon_valid = self.epsilon()
+        epsilon, epsilon_valid, epsilon_prv = self.epsilon(prv=True)
         row = {"epoch": epoch, **self.epoch_means(), "epsilon": epsilon, "epsilon_valid": epsilon_valid,
-               "steps": self.accounted_steps(), "seconds": time.time() - self.started}
+               "epsilon_valid_prv": epsilon_prv, "steps": self.accounted_steps(), "seconds": time.time() - self.started}
         save_torch(checkpoint_path(self.args.trial, epoch), {
             "epoch": epoch, "generator": self.generator.state_dict(), "discriminator": self.critic.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "accountant": {"history": list(self.engine.accountant.history) if self.private else [],
                            "generator_updates": self.generator_updates, "sample_rate": self.sample_rate,
                            "delta": self.delta, "dp_mode": self.args.dp_mode},
-            "rng": rng_states(self.sampler_generator), "model_args": self.model_args})
+            "rng": rng_states(self.sampler_generator, self.noise_generator), "model_args": self.model_args})
         self.log_rows.append(row)
         write_log(self.results_dir / "log.csv", self.log_rows)
         plot_losses(self.results_dir / "losses.png", self.log_rows)
@@ -482,11 +521,20 @@ class GanTrial:
         with torch.no_grad():
             samples = self.generator(self.fixed_noise).cpu().numpy()
         plot_samples(self.results_dir / f"samples_epoch_{epoch}.png", samples, epoch)
-        print(f"epoch {epoch}/{self.args.epochs - 1} | loss_d {row['loss_d']:.5f} | loss_g {row['loss_g']:.5f} | "
-              f"W {row['wasserstein']:.5f} | D(x) {row['d_real']:.4f} | D(G(z)) {row['d_fake']:.4f} | "
-              f"epsilon {epsilon:.4g} (valid {epsilon_valid:.4g}, delta {self.delta:.3g}) | steps {row['steps']} | "
-              f"{row['seconds']:.1f} s", flush=True)
+        counted = "" if self.args.dp_mode == "strict" else f" (the paper's count, not a valid bound: {epsilon:.4g})"
+        print(f"epoch {epoch}/{self.args.epochs - 1} | internal, not covered by epsilon: loss_d {row['loss_d']:.5f} "
+              f"loss_g {row['loss_g']:.5f} W {row['wasserstein']:.5f} D(x) {row['d_real']:.4f} "
+              f"D(G(z)) {row['d_fake']:.4f} | per patch: epsilon {epsilon_valid:.4g} (RDP), {epsilon_prv:.4g} (PRV), "
+              f"delta {self.delta:.3g}{counted} | per patient: {describe_group_privacy(self.per_patient())} | "
+              f"steps {row['steps']} | {row['seconds']:.1f} s", flush=True)
         return row
+
+
+def describe_group_privacy(group):
+    """One line for privacy.group_privacy's dict."""
+    if not group["meaningful"]:
+        return f"no meaningful guarantee (group of {group['group_size']} patches: delta >= 1)"
+    return f"epsilon {group['epsilon']:.4g}, delta {group['delta']:.3g} (group of {group['group_size']} patches)"
 
 
 # ---- log and figures ----
@@ -519,6 +567,7 @@ def plot_losses(path, rows):
         ax.plot(epochs, [r[key] for r in rows], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean over the epoch")
+    ax.set_title("internal: computed on training patches without noise, do not share", fontsize=8)
     ax.legend()
     save_figure(path, fig)
 
@@ -531,10 +580,10 @@ def plot_epsilon(path, rows, dp_mode):
     if math.isinf(rows[-1]["epsilon"]):
         ax.text(0.5, 0.5, "non-private run: epsilon = inf", ha="center", va="center", transform=ax.transAxes)
     else:
-        ax.plot(epochs, [r["epsilon"] for r in rows], marker="o",
-                label="epsilon (strict, valid)" if dp_mode == "strict" else "epsilon as the paper counts it")
+        ax.plot(epochs, [r["epsilon_valid"] for r in rows], marker="o", label="valid epsilon (RDP)")
+        ax.plot(epochs, [r["epsilon_valid_prv"] for r in rows], marker="^", label="valid epsilon (PRV)")
         if dp_mode == "paper":
-            ax.plot(epochs, [r["epsilon_valid"] for r in rows], marker="s", label="valid epsilon")
+            ax.plot(epochs, [r["epsilon"] for r in rows], marker="s", label="the paper's count (not a valid bound)")
         ax.legend()
     ax.set_xlabel("epoch")
     ax.set_ylabel("epsilon")

@@ -1,4 +1,8 @@
-"""Privacy accounting of the DP-WGAN, always through Opacus's RDP accountant.
+"""Privacy accounting of the DP-WGAN, always through Opacus's accountants.
+
+RDP (`opacus.accountants.RDPAccountant`) is the paper's accountant and the default; PRV
+(`opacus.accountants.PRVAccountant`, Gopi et al. 2021) computes the privacy loss distribution numerically and
+gives a tighter epsilon for the same history (its upper estimate is reported). Both are shown side by side.
 
 Two mechanisms (SPEC, "DP-WGAN"):
 - strict: every critic iteration draws a fresh Poisson batch (rate q = batch / N) and takes one clipped,
@@ -11,19 +15,21 @@ Two mechanisms (SPEC, "DP-WGAN"):
   ("epsilon_valid").
 
 Command line: python -m utils.privacy --noisem 0.65 --epochs 29 --batch_size 32 --n_samples 41000 \
-    --n_discr 5 --dp_mode paper   (or --target_epsilon T instead of --noisem)
+    --n_discr 5 --dp_mode paper   (or --target_epsilon T [--accountant prv] instead of --noisem)
 """
 
 import argparse
 import json
 import math
 
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 import config
 
 DP_MODES = ("strict", "paper")
+ACCOUNTANTS = ("rdp", "prv")
+PRV_EPS_ERROR = 0.01  # PRV's numerical error on epsilon; its upper estimate is what is reported
 
 
 def steps_per_epoch(n_samples, batch_size):
@@ -31,15 +37,22 @@ def steps_per_epoch(n_samples, batch_size):
     return max(1, round(n_samples / batch_size))
 
 
-def epsilon_from_history(history, delta):
-    """Epsilon of an RDP accountant history [(noise_multiplier, sample_rate, steps), ...] at delta."""
+def epsilon_from_history(history, delta, accountant="rdp"):
+    """Epsilon at delta of an accountant history [(noise_multiplier, sample_rate, steps), ...], by Opacus's RDP
+    (the paper's orders) or PRV accountant (its upper estimate)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"--accountant {accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
     if not history:
         return 0.0
     if any(math.isinf(sigma) for sigma, _, _ in history):
         raise ValueError("an infinite noise multiplier is a non-private run; it has no accountant history")
-    accountant = RDPAccountant()
-    accountant.history = [tuple(h) for h in history]
-    return accountant.get_epsilon(delta=delta, alphas=config.DP_ORDERS)
+    if accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.history = [tuple(h) for h in history]
+        return rdp.get_epsilon(delta=delta, alphas=config.DP_ORDERS)
+    prv = PRVAccountant()
+    prv.history = [tuple(h) for h in history]
+    return prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR)
 
 
 def strict_history(noise_multiplier, sample_rate, generator_updates, n_discr):
@@ -81,6 +94,8 @@ def gan_privacy(noisem, epochs, batch_size, n_samples, n_discr, dp_mode="strict"
                 patches_per_patient=None):
     """The (epsilon, delta) guarantee of a DP-WGAN run, per patch and per patient.
 
+    epsilon: as the run's accountant counts it (for paper mode the paper's number, not a valid bound);
+    epsilon_valid: a valid RDP bound; epsilon_valid_prv: the same history through the PRV accountant.
     epochs may be fractional (a run stopped mid-epoch is described by its generator updates).
     """
     check_settings(noisem, batch_size, n_samples, n_discr, dp_mode, delta, epochs)
@@ -91,35 +106,34 @@ def gan_privacy(noisem, epochs, batch_size, n_samples, n_discr, dp_mode="strict"
               "n_samples": n_samples, "n_discr": n_discr, "sample_rate": sample_rate, "delta": delta,
               "generator_updates": updates}
     if math.isinf(noisem):
-        result.update(epsilon=math.inf, epsilon_valid=math.inf, steps=0)
-    elif dp_mode == "strict":
-        history = strict_history(noisem, sample_rate, updates, n_discr)
-        eps = epsilon_from_history(history, delta)
-        result.update(epsilon=eps, epsilon_valid=eps, steps=history[0][2])
+        result.update(epsilon=math.inf, epsilon_valid=math.inf, epsilon_valid_prv=math.inf, steps=0)
     else:
-        reported = paper_reported_history(noisem, sample_rate, updates, n_discr)
-        result.update(epsilon=epsilon_from_history(reported, delta),
-                      epsilon_valid=epsilon_from_history(valid_paper_history(noisem, sample_rate, updates, n_discr),
-                                                         delta),
-                      steps=reported[0][2])
+        counted = (strict_history if dp_mode == "strict" else paper_reported_history)(noisem, sample_rate, updates,
+                                                                                      n_discr)
+        valid = counted if dp_mode == "strict" else valid_paper_history(noisem, sample_rate, updates, n_discr)
+        result.update(epsilon=epsilon_from_history(counted, delta), epsilon_valid=epsilon_from_history(valid, delta),
+                      epsilon_valid_prv=epsilon_from_history(valid, delta, "prv"), steps=counted[0][2])
     group = patches_per_patient or config.PATCHES_PER_PATIENT
     result["per_patient"] = group_privacy(result["epsilon_valid"], delta, group)
     return result
 
 
 def noise_for_target_epsilon(target_epsilon, epochs, batch_size, n_samples, n_discr, dp_mode="strict",
-                             delta=None):
-    """The noise multiplier whose VALID epsilon reaches target_epsilon (Opacus's binary search)."""
+                             delta=None, accountant="rdp"):
+    """The noise multiplier whose VALID epsilon (by `accountant`) reaches target_epsilon (Opacus's search)."""
     check_settings(None, batch_size, n_samples, n_discr, dp_mode, delta, epochs)
     if not target_epsilon > 0:
         raise ValueError(f"--target_epsilon {target_epsilon}: must be > 0")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"--accountant {accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
     delta = delta if delta is not None else 1.0 / n_samples
     updates = round(epochs * steps_per_epoch(n_samples, batch_size))
     # strict: n_discr steps of sigma per update; paper (valid): one step of sigma / sqrt(n_discr) per update.
     steps, scale = (updates * n_discr, 1.0) if dp_mode == "strict" else (updates, math.sqrt(n_discr))
+    options = {"alphas": config.DP_ORDERS} if accountant == "rdp" else {"eps_error": PRV_EPS_ERROR}
     sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                 sample_rate=batch_size / n_samples, steps=steps, accountant="rdp",
-                                 epsilon_tolerance=0.005, alphas=config.DP_ORDERS)
+                                 sample_rate=batch_size / n_samples, steps=steps, accountant=accountant,
+                                 epsilon_tolerance=0.005, **options)
     return sigma * scale
 
 
@@ -149,18 +163,20 @@ def main(argv=None):
     p.add_argument("--dp_mode", default=config.DP_MODE, choices=DP_MODES)
     p.add_argument("--delta", type=float, default=config.DELTA, help="default: 1 / n_samples")
     p.add_argument("--patches_per_patient", type=int, default=config.PATCHES_PER_PATIENT)
+    p.add_argument("--accountant", default="rdp", choices=ACCOUNTANTS,
+                   help="accountant of the --target_epsilon search (default rdp, the paper's); both are printed")
     args = p.parse_args(argv)
     try:
         noisem = args.noisem
         if args.target_epsilon is not None:
             noisem = noise_for_target_epsilon(args.target_epsilon, args.epochs, args.batch_size, args.n_samples,
-                                              args.n_discr, args.dp_mode, args.delta)
+                                              args.n_discr, args.dp_mode, args.delta, args.accountant)
         result = gan_privacy(noisem, args.epochs, args.batch_size, args.n_samples, args.n_discr, args.dp_mode,
                              args.delta, args.patches_per_patient)
     except ValueError as err:
         p.error(str(err))
     if args.target_epsilon is not None:
-        result["target_epsilon"] = args.target_epsilon
+        result.update(target_epsilon=args.target_epsilon, target_accountant=args.accountant)
     print(json.dumps(result, indent=2))
     return result
 

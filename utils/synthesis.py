@@ -7,6 +7,10 @@ near 0 and vessels near 1, and `thresh` lives on that 0/1 label scale, as in the
 (`--thresh 0.8`: vessel where the output is above 0.8). It must therefore lie in [0, 1).
 
 The image channel is min-max scaled per patch to [0, 255], the U-Net's input scale.
+
+Selection is part of the mechanism (SPEC): --epoch 9999 chooses by looking at every logged epoch's generator
+loss, which depends on every epoch's critic, so the set carries the epsilon of the last epoch the choice looked
+at, not that of the chosen epoch. An explicitly named epoch carries its own.
 """
 
 import csv
@@ -20,6 +24,7 @@ from tqdm import tqdm
 
 import config
 from model import Generator
+from utils import release
 from utils.common import (
     PipelineError,
     gan_model_dir,
@@ -32,16 +37,14 @@ from utils.common import (
     save_figure,
     save_json,
     save_npz,
+    synthetic_name,
     synthetic_path,
 )
+from utils.gan import checkpoint_path
 
 BEST_EPOCH = 9999  # --epoch 9999: the epoch of minimum generator loss after the skipped ones
 SHAPE_FLAGS = ("ngf", "kg", "strg", "padg", "opg", "upsampling")  # generate_samples.py flags = model_args keys
 GRID_PAIRS = 16  # image-label pairs shown in the PNG beside a synthetic set
-
-
-def checkpoint_path(trial, epoch):
-    return gan_model_dir(trial) / f"epoch_{epoch}.pth"
 
 
 def available_epochs(trial):
@@ -82,14 +85,19 @@ def read_trial_config(trial):
 
 
 def select_epoch(log, epoch, nr_e_skipped):
-    """`epoch` itself, or for 9999 the (first) epoch of minimum loss_g among the epochs >= nr_e_skipped."""
+    """(epoch, selection): `epoch` itself, or for 9999 the (first) epoch of minimum loss_g among the epochs >=
+    nr_e_skipped. selection records the rule, the epochs whose logged values the choice looked at and the epoch
+    whose privacy the result carries (the last of those; the chosen epoch itself when none was looked at)."""
     if epoch != BEST_EPOCH:
-        return epoch
+        return epoch, {"rule": f"epoch {epoch}, named by the user", "epochs_seen": [], "privacy_of_epoch": epoch}
     candidates = [row for row in log if row["epoch"] >= nr_e_skipped]
     if not candidates:
         raise PipelineError(f"--epoch {BEST_EPOCH} --nr_e_skipped {nr_e_skipped}: the log has only the epochs "
                             f"{[row['epoch'] for row in log]}, none left after skipping")
-    return min(candidates, key=lambda row: row["loss_g"])["epoch"]
+    seen = [row["epoch"] for row in candidates]
+    chosen = min(candidates, key=lambda row: row["loss_g"])["epoch"]
+    return chosen, {"rule": f"minimum generator loss over the logged epochs from {nr_e_skipped} on",
+                    "epochs_seen": seen, "privacy_of_epoch": max(seen)}
 
 
 def load_generator(trial, epoch, flags):
@@ -174,11 +182,6 @@ def default_n_samples(trial_config):
                         f"training patches there are; pass --n_samples")
 
 
-def _json_number(value):
-    """Infinity (a non-private run) as the string "inf", which every JSON reader accepts."""
-    return "inf" if isinstance(value, float) and math.isinf(value) else value
-
-
 def save_grid(path, img, label, title):
     import matplotlib
 
@@ -206,17 +209,19 @@ def generate_samples(args):
     if args.n_samples is not None and args.n_samples < 1:
         raise PipelineError(f"--n_samples {args.n_samples}: must be at least 1")
     out = synthetic_path(args.trial, args.epoch, args.thresh)
+    set_name = synthetic_name(args.trial, args.epoch, args.thresh)
     if not args.overwrite:
         refuse_existing(out)
+        refuse_existing(release.release_dir(set_name))
     available_epochs(args.trial)  # a missing trial fails here, before anything else is read
     trial_config = read_trial_config(args.trial)
     log = read_log(args.trial)
     nr_e_skipped = config.NR_E_SKIPPED if args.nr_e_skipped is None else args.nr_e_skipped
-    epoch = select_epoch(log, args.epoch, nr_e_skipped)
+    epoch, selection = select_epoch(log, args.epoch, nr_e_skipped)
     generator, model_args = load_generator(args.trial, epoch, {name: getattr(args, name) for name in SHAPE_FLAGS})
-    row = next((r for r in log if r["epoch"] == epoch), None)
-    if row is None:
+    if not any(r["epoch"] == epoch for r in log):
         raise PipelineError(f"GAN log {gan_results_dir(args.trial) / 'log.csv'} has no row for epoch {epoch}")
+    trial_privacy = release.trial_privacy(args.trial, trial_config, selection["privacy_of_epoch"])
     n_samples = args.n_samples or default_n_samples(trial_config)
     device = resolve_device(args.device)
     print(f"trial {args.trial}, epoch {epoch}" + (f" (min loss_g after skipping {nr_e_skipped})"
@@ -224,13 +229,30 @@ def generate_samples(args):
           flush=True)
     img, label = generate(generator, n_samples, args.thresh, args.seed, device)
     run_args = trial_config.get("args", {})
+    number = release.json_number
     info = {"trial": args.trial, "epoch_requested": args.epoch, "epoch": epoch, "thresh": args.thresh,
-            "n_samples": n_samples, "epsilon": _json_number(row["epsilon"]),
-            "epsilon_valid": _json_number(row["epsilon_valid"]), "noisem": _json_number(run_args.get("noisem")),
-            "dp_mode": run_args.get("dp_mode"), "seed": args.seed, "model_args": model_args,
-            "label_rule": "label = generator label output (tanh) > thresh"}
+            "n_samples": n_samples, "epsilon": number(trial_privacy["epsilon"]),
+            "epsilon_valid": number(trial_privacy["epsilon_valid"]),
+            "epsilon_valid_prv": number(trial_privacy["epsilon_valid_prv"]), "selection": selection,
+            "noisem": number(run_args.get("noisem")), "dp_mode": run_args.get("dp_mode"), "seed": args.seed,
+            "model_args": model_args, "label_rule": "label = generator label output (tanh) > thresh"}
     save_npz(out, img=img, label=label)
     save_json(out.with_suffix(".json"), info)
-    save_grid(out.with_suffix(".png"), img, label, f"{out.stem} (epsilon {info['epsilon']})")
-    print(f"wrote {out} (+ .json, .png); vessel fraction {label.mean():.4f}", flush=True)
+    save_grid(out.with_suffix(".png"), img, label, f"{out.stem} ({epsilon_caption(info)})")
+    statement = release.privacy_statement(trial_privacy, n_samples, len(log), epoch, selection)
+    bundle = release.write_release(set_name, img, label, generator, model_args, statement, args.trial,
+                                   overwrite=args.overwrite)
+    print(f"wrote {out} (+ .json, .png; internal) and the release bundle {bundle}; vessel fraction "
+          f"{label.mean():.4f}", flush=True)
     return Path(out)
+
+
+def epsilon_caption(info):
+    """How a figure names a set's privacy: the valid epsilon; paper mode's count is marked as not valid."""
+    valid = info["epsilon_valid"]
+    if valid == "inf":
+        return "non-private: epsilon inf"
+    caption = f"valid epsilon {valid:.3g}"
+    if info.get("dp_mode") == "paper":
+        caption += f"; the paper's count {info['epsilon']:.3g} is not a valid bound"
+    return caption
