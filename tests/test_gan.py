@@ -210,26 +210,39 @@ def privatise(d, data, noise_multiplier, max_grad_norm, batch_size=8, mode="hook
     return gan.make_private_critic(d, opt, data, batch_size, noise_multiplier, max_grad_norm, mode)
 
 
+def per_sample_gradients(critic, samples, sign):
+    params = list(critic.parameters())
+    return [torch.autograd.grad(sign * critic(x[None]).mean(), params) for x in samples]
+
+
+def global_norm(grads):
+    return torch.sqrt(sum((g ** 2).sum() for g in grads))
+
+
 @pytest.mark.parametrize("mode", gan.GRAD_SAMPLE_MODES)
-def test_noiseless_private_step_is_the_mean_of_clipped_real_gradients_plus_the_fake_gradient(mode):
+def test_noiseless_private_step_is_the_clipped_real_and_fake_gradients_summed_over_the_expected_batch(mode):
     batch_size = 8
     d, bare, data = tiny_critic()
-    real, fake = data[:5], data[8:11]  # 5 real samples: the mean divides by the expected batch size, 8
-    params = list(bare.parameters())
-    per_sample = [torch.autograd.grad(-bare(x[None]).mean(), params) for x in real]
-    norms = torch.stack([torch.sqrt(sum((g ** 2).sum() for g in grads)) for grads in per_sample])
-    max_norm = norms.median().item()  # some samples are clipped, some are not
-    fake_grads = torch.autograd.grad(bare(fake).mean(), params)
+    real, fake = data[:5], data[8:16]  # 5 real samples (a Poisson batch), B = 8 fake ones; divisor B = 8
+    per_sample = per_sample_gradients(bare, real, -1) + per_sample_gradients(bare, fake, +1)
+    norms = torch.stack([global_norm(g) for g in per_sample])
+    max_norm = norms.median().item()  # some samples of each half are clipped, some are not
+    assert (norms[:5] > max_norm).any() and (norms[5:] > max_norm).any() and (norms[5:] < max_norm).any()
     expected = []
-    for i, p in enumerate(params):
+    for i, p in enumerate(bare.parameters()):
         clipped = sum(g[i] * min(1.0, max_norm / (n.item() + 1e-6)) for g, n in zip(per_sample, norms))
-        expected.append(p.detach() - (clipped / batch_size + fake_grads[i]))
+        expected.append(p.detach() - clipped / batch_size)
 
     private, dp_opt, engine, _ = privatise(d, data, 0.0, max_norm, batch_size, mode)
-    gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=1e6)
+    real_scores, fake_scores, diagnostics = gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=1e6)
     for p, e in zip(d.parameters(), expected):
-        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-6)
-    assert engine.accountant.history == [(0.0, batch_size / len(data), 1)]
+        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
+    assert engine.accountant.history == [(0.0, batch_size / len(data), 1)]  # one step for real and fake together
+    assert real_scores.shape == (5,) and fake_scores.shape == (8,)
+    median, clipped, noise_to_signal = diagnostics.tolist()
+    assert median == pytest.approx(norms.median().item(), rel=1e-3)
+    assert clipped == pytest.approx((norms > max_norm).float().mean().item())
+    assert noise_to_signal == pytest.approx(0.0, abs=1e-5)
 
 
 def test_private_critic_samples_and_accounts_at_rate_batch_over_n_when_batch_does_not_divide_n():
@@ -246,11 +259,12 @@ def test_private_step_noise_has_sd_sigma_c_over_b_and_an_empty_batch_is_one_coun
     # All-zero weights: every gradient is exactly zero, so the step is the noise / B alone.
     d, _, data = tiny_critic(zero_weights=True)
     private, dp_opt, engine, _ = privatise(d, data, sigma, max_norm, batch_size)
-    gan.private_critic_step(private, dp_opt, data[:n_real], data[8:11], clip_param_w=1e6)
+    diagnostics = gan.private_critic_step(private, dp_opt, data[:n_real], data[8:11], clip_param_w=1e6)[2]
     step = torch.cat([p.detach().flatten() for p in d.parameters()])
     assert len(step) > 40000
     sd = sigma * max_norm / batch_size
     assert step.std().item() == pytest.approx(sd, rel=0.02) and abs(step.mean().item()) < 0.05 * sd
+    assert diagnostics[2] == float("inf")  # every gradient is zero: all noise, no signal
     assert engine.accountant.history == [(sigma, batch_size / len(data), 1)]
 
 
@@ -272,6 +286,6 @@ def test_generator_step_leaves_the_critic_alone():
     gan.generator_step(g, private, opt_g, 4, "cpu")
     for p, (weight, grad) in zip(d.parameters(), critic_state):
         assert torch.equal(p.detach(), weight) and torch.equal(p.grad, grad)
-        assert not isinstance(p.grad_sample, torch.Tensor) or p.grad_sample.shape[0] == 5  # from the critic step
+        assert not isinstance(p.grad_sample, torch.Tensor) or p.grad_sample.shape[0] == 8  # from the critic step
     assert all(not torch.equal(p.detach(), b) for p, b in zip(g.parameters(), g_before))
     assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 1

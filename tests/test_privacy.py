@@ -2,7 +2,7 @@ import json
 import math
 
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 import config
@@ -104,6 +104,27 @@ def test_command_line_target_epsilon(capsys):
                   "--n_discr", "5"])
     out = json.loads(capsys.readouterr().out)
     assert out["target_epsilon"] == 5 and 4.9 < out["epsilon_valid"] <= 5
+
+
+def test_prv_is_opacus_prv_of_the_same_history_and_tighter_than_rdp():
+    history = [(0.65, 32 / 41_000, 29 * round(41_000 / 32) * 5)]
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    expected = accountant.get_epsilon(delta=1 / 41_000, eps_error=privacy.PRV_EPS_ERROR)
+    assert privacy.epsilon_from_history(history, 1 / 41_000, "prv") == pytest.approx(expected, rel=1e-9)
+    result = privacy.gan_privacy(0.65, dp_mode="strict", **PAPER)
+    assert result["epsilon_valid_prv"] == pytest.approx(4.60, abs=0.02)
+    assert result["epsilon_valid_prv"] < result["epsilon_valid"]
+    with pytest.raises(ValueError, match="--accountant"):
+        privacy.epsilon_from_history(history, 1e-5, "gdp")
+
+
+def test_command_line_target_epsilon_with_prv(capsys):
+    privacy.main(["--target_epsilon", "5", "--epochs", "2", "--batch_size", "32", "--n_samples", "2000",
+                  "--n_discr", "5", "--accountant", "prv"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["target_accountant"] == "prv" and 4.9 < out["epsilon_valid_prv"] <= 5.01
+    assert out["epsilon_valid"] > out["epsilon_valid_prv"]  # the same noise by RDP: a larger epsilon
 
 
 def test_command_line_rejects_bad_noise(capsys):

@@ -1,6 +1,7 @@
 """Helpers every script shares: clear errors, atomic writes, paths, scaling, devices."""
 
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -119,6 +120,15 @@ def load_json(path, what="file", missing_hint=""):
         raise PipelineError(f"{what} {path} is not valid JSON: {err}") from None
 
 
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes, read in chunks (a training set can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def refuse_existing(path, flag="--overwrite"):
     if Path(path).exists():
         raise PipelineError(f"{path} exists already; pass {flag} to replace it (nothing was written)")
@@ -222,6 +232,13 @@ def training_input(args):
         raise PipelineError(f"synthetic set {path} does not exist; make it with `python generate_samples.py "
                             f"--trial {args.trial} --epoch {args.epoch} --thresh {args.thresh}`")
     return train_input_name(args), path
+
+
+def run_unet_command(args):
+    """The run_unet.py command line that trains the U-Nets of the training input the flags choose."""
+    if args.real:
+        return "python run_unet.py --real"
+    return f"python run_unet.py --trial {args.trial} --epoch {args.epoch} --thresh {args.thresh}"
 
 
 def unet_dir(train_input):

@@ -2,17 +2,19 @@
 
 run_gan.py holds the training loop; this module holds what one step, one epoch end or one resume does.
 
-Privacy (SPEC "DP-WGAN"): only the critic sees real data. Its real-data gradient goes through Opacus:
-per-sample clipping to max_norm_dp, Gaussian noise noisem x max_norm_dp, division by the expected batch
-size, and one count in the RDP accountant per noisy step. Batches are Poisson samples at rate batch / N.
-- strict (`private_critic_step`): a fresh Poisson batch per critic iteration; the fake-data part of the
-  critic gradient is exact (it depends on the generator only) and is added after the noise. Every
-  accounted step is one subsampled Gaussian release: the reported epsilon is a valid bound.
+Privacy (SPEC "DP-WGAN", "The private critic step"): only the critic sees real data. Its gradient goes through
+Opacus: per-sample clipping to max_norm_dp, Gaussian noise noisem x max_norm_dp, division by the expected batch
+size, and one count in the accountant per noisy step. Batches are Poisson samples at rate batch / N.
+- strict (`private_critic_step`): the standard DP-GAN step. A fresh Poisson batch per critic iteration; the
+  real AND the fake samples go through per-sample clipping in one backward pass, one noise draw, one step
+  accounted at q = batch / N. The fake samples cost no privacy (they depend on the generator only); clipping
+  them too keeps the two halves of the critic loss on one scale. Every accounted step is one subsampled
+  Gaussian release: the reported epsilon is a valid bound.
 - paper (`paper_critic_step`): the authors' loop; one Poisson batch per generator update reused by all
   n_discr critic iterations, each taking a noisy step on the real and one on the fake batch, both counted
   (the paper's epsilon). The valid bound of that loop comes from utils.privacy.valid_paper_history.
-The generator and the fake half of the strict critic loss run the critic with Opacus's per-sample hooks
-off (`critic_without_privacy_hooks`): their gradients are post-processing and are never released.
+The generator runs the critic with Opacus's per-sample hooks off (`critic_without_privacy_hooks`): its
+gradients are post-processing.
 """
 
 import csv
@@ -53,8 +55,11 @@ from utils.common import (
     versions,
 )
 
+# DP diagnostics (internal, like the losses): the median per-sample gradient norm before clipping, the fraction of
+# samples clipped, and the norm of the noise over the norm of the clipped sum, averaged over the epoch's steps.
+DP_DIAGNOSTICS = ("grad_norm_median", "clipped_fraction", "noise_to_signal")
 LOG_COLUMNS = ("epoch", "loss_d", "loss_g", "wasserstein", "d_real", "d_fake", "epsilon", "epsilon_valid",
-               "epsilon_valid_prv", "steps", "seconds")
+               "epsilon_valid_prv", *DP_DIAGNOSTICS, "steps", "seconds")
 LOAD_CHUNK = 4096  # patches scaled at a time when loading
 N_FIXED_SAMPLES = 8  # generator samples drawn from one fixed noise batch after every epoch
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -186,7 +191,8 @@ def clamp_critic_weights(critic, clip_param_w):
 
 
 def _dp_backward(critic, optimizer, batch, sign):
-    """Per-sample gradients of sign * D(x_i) into the DP optimizer; returns the detached scores.
+    """Per-sample gradients of sign_i * D(x_i) into the DP optimizer (sign: a number or one per sample); returns
+    the detached scores.
 
     An empty Poisson batch is still one release (of pure noise): its per-sample gradients are set to an
     empty stack without a forward pass, which Opacus's clip_and_accumulate sums to zero.
@@ -210,23 +216,38 @@ def _dp_backward(critic, optimizer, batch, sign):
 def private_critic_step(critic, optimizer, real, fake, clip_param_w):
     """One strict DP-WGAN critic iteration on a fresh Poisson batch `real` and a generated batch `fake`.
 
-    Update direction = (sum_i clip_C(grad -D(real_i)) + N(0, (noisem C)^2 I)) / B + grad mean_j D(fake_j):
-    only the real-data half is clipped, noised and accounted (one step); the fake half is computed with the
-    per-sample hooks off, so it never enters the per-sample gradients, and is added after the noise.
-    Then RMSprop steps and the weights are clamped. Returns the detached (real, fake) scores.
+    Update direction = (sum_i clip_C(grad -D(real_i)) + sum_j clip_C(grad D(fake_j)) + N(0, (noisem C)^2 I)) / B,
+    B = the expected batch size (optimizer.expected_batch_size, which is also the fake batch's size): without
+    clipping and noise, the gradient of the WGAN critic loss mean D(fake) - mean D(real). One backward pass, one
+    noise draw, one accountant step at q = B / N. Then the optimizer steps and the weights are clamped.
+    Returns the detached (real, fake) scores and the step's diagnostics (dp_diagnostics).
     """
     optimizer.zero_grad()
-    with critic_without_privacy_hooks(critic) as bare:
-        fake_scores = bare(fake)
-        fake_grads = torch.autograd.grad(fake_scores.mean(), optimizer.params)
-    real_scores = _dp_backward(critic, optimizer, real, sign=-1)
+    sign = torch.cat([-torch.ones(len(real), device=fake.device), torch.ones(len(fake), device=fake.device)])
+    scores = _dp_backward(critic, optimizer, torch.cat([real, fake]), sign)
     if not optimizer.pre_step():  # clip, add noise, divide by B, accountant step
         raise RuntimeError("the DP optimizer skipped a step; nothing here asks it to")
-    for p, g in zip(optimizer.params, fake_grads):
-        p.grad += g
+    diagnostics = dp_diagnostics(critic, optimizer)
     optimizer.original_optimizer.step()
     clamp_critic_weights(critic, clip_param_w)
-    return real_scores, fake_scores.detach()
+    return scores[:len(real)], scores[len(real):], diagnostics
+
+
+def dp_diagnostics(critic, optimizer):
+    """After the DP optimizer's pre_step: tensor [median per-sample gradient norm before clipping, fraction of
+    samples clipped, ||noise|| / ||clipped sum||]. The noise is read back from p.grad = (clipped sum + noise) / B.
+    Internal: computed on training samples without noise. A tensor, so that a GPU is not synchronised per step."""
+    if isinstance(critic, GradSampleModuleFastGradientClipping):
+        norms = critic.per_sample_gradient_norms
+    else:
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=1) for g in optimizer.grad_samples], 1).norm(2, dim=1)
+    scale = optimizer.expected_batch_size
+    signal_sq = sum(p.summed_grad.square().sum() for p in optimizer.params)
+    noise_sq = sum((p.grad * scale - p.summed_grad).square().sum() for p in optimizer.params)
+    ratio = torch.where(signal_sq > 0, (noise_sq / signal_sq).sqrt(), torch.inf)  # no signal at all: inf
+    if len(norms) == 0:
+        return torch.tensor([float("nan"), float("nan"), float("inf")])
+    return torch.stack([norms.median(), (norms > optimizer.max_grad_norm).float().mean(), ratio]).detach().float().cpu()
 
 
 def paper_critic_step(critic, optimizer, real, fake, clip_param_w):
@@ -235,11 +256,12 @@ def paper_critic_step(critic, optimizer, real, fake, clip_param_w):
     optimizer.zero_grad()
     real_scores = _dp_backward(critic, optimizer, real, sign=-1)
     optimizer.step()
+    diagnostics = dp_diagnostics(critic, optimizer)
     optimizer.zero_grad()
     fake_scores = _dp_backward(critic, optimizer, fake, sign=1)
     optimizer.step()
     clamp_critic_weights(critic, clip_param_w)
-    return real_scores, fake_scores
+    return real_scores, fake_scores, diagnostics
 
 
 def plain_critic_step(critic, optimizer, real, fake, clip_param_w):
@@ -251,7 +273,7 @@ def plain_critic_step(critic, optimizer, real, fake, clip_param_w):
     loss.backward()
     optimizer.step()
     clamp_critic_weights(critic, clip_param_w)
-    return real_scores.detach(), fake_scores.detach()
+    return real_scores.detach(), fake_scores.detach(), None
 
 
 def generator_step(generator, critic, optimizer, batch_size, device):
@@ -433,9 +455,13 @@ class GanTrial:
     def begin_epoch(self, epoch):
         self.epoch, self.started = epoch, time.time()
         self.sums = dict(real=0.0, n_real=0, fake=0.0, n_fake=0, loss_g=0.0, n_g=0)
+        self.diagnostics = []
 
     def critic_step(self, real, fake):
-        real_scores, fake_scores = self.critic_step_fn(self.d, self.opt_d, real, fake, self.args.clip_param_W)
+        real_scores, fake_scores, diagnostics = self.critic_step_fn(self.d, self.opt_d, real, fake,
+                                                                    self.args.clip_param_W)
+        if diagnostics is not None:
+            self.diagnostics.append(diagnostics)
         self._check_finite("critic loss", torch.cat([real_scores, fake_scores]))
         self.sums["real"] += real_scores.sum().item()
         self.sums["n_real"] += len(real_scores)
@@ -464,8 +490,12 @@ class GanTrial:
     def epoch_means(self):
         s = self.sums
         d_real, d_fake = s["real"] / max(s["n_real"], 1), s["fake"] / max(s["n_fake"], 1)
-        return dict(loss_d=d_fake - d_real, loss_g=s["loss_g"] / max(s["n_g"], 1), wasserstein=d_real - d_fake,
-                    d_real=d_real, d_fake=d_fake)
+        means = dict(loss_d=d_fake - d_real, loss_g=s["loss_g"] / max(s["n_g"], 1), wasserstein=d_real - d_fake,
+                     d_real=d_real, d_fake=d_fake)
+        steps = torch.stack(self.diagnostics) if self.diagnostics else torch.full((1, 3), float("nan"))
+        # nanmedian/nanmean: an empty Poisson batch has no per-sample norms
+        values = [steps[:, 0].nanmedian(), steps[:, 1].nanmean(), steps[:, 2][steps[:, 2].isfinite()].mean()]
+        return {**means, **{k: float(v) for k, v in zip(DP_DIAGNOSTICS, values)}}
 
     # -- privacy --
     def accounted_steps(self):
@@ -524,10 +554,18 @@ class GanTrial:
         counted = "" if self.args.dp_mode == "strict" else f" (the paper's count, not a valid bound: {epsilon:.4g})"
         print(f"epoch {epoch}/{self.args.epochs - 1} | internal, not covered by epsilon: loss_d {row['loss_d']:.5f} "
               f"loss_g {row['loss_g']:.5f} W {row['wasserstein']:.5f} D(x) {row['d_real']:.4f} "
-              f"D(G(z)) {row['d_fake']:.4f} | per patch: epsilon {epsilon_valid:.4g} (RDP), {epsilon_prv:.4g} (PRV), "
+              f"D(G(z)) {row['d_fake']:.4f}{describe_diagnostics(row)} | per patch: epsilon {epsilon_valid:.4g} "
+              f"(RDP), {epsilon_prv:.4g} (PRV), "
               f"delta {self.delta:.3g}{counted} | per patient: {describe_group_privacy(self.per_patient())} | "
               f"steps {row['steps']} | {row['seconds']:.1f} s", flush=True)
         return row
+
+
+def describe_diagnostics(row):
+    if math.isnan(row["grad_norm_median"]):
+        return ""
+    return (f" | DP: median grad norm {row['grad_norm_median']:.3g}, clipped {row['clipped_fraction']:.0%}, "
+            f"noise/signal {row['noise_to_signal']:.3g}")
 
 
 def describe_group_privacy(group):
