@@ -76,6 +76,9 @@ UNET_SEED = 7
 
 # ---- Evaluation (step 5) ----
 PREDICTION_THRESHOLD = 0.5
+# A U-Net "collapsed" (the soft Dice's all-zero output) if it predicts fewer vessel voxels than this fraction of
+# the true ones: on its check patches after every epoch (history.csv) and on the val patients (never selected).
+COLLAPSE_FRACTION = 0.01
 # Tiles per forward pass when predicting. 16 keeps a CPU's caches warm (measured fastest on 2 cores: 24 ms per
 # tile against 45 at 64); a GPU wants more.
 PREDICTION_BATCH_CPU = 16
@@ -87,6 +90,9 @@ FID_BATCH = 50
 FID_N_IMAGES = None  # images per set for FID (seeded random subset); None: all, as the paper
 FID_WEIGHTS = None  # None: pytorch-fid's usual file in torch's hub cache (see README)
 EVAL_SEED = 3
+
+# ---- Privacy audit (step 6) ----
+AUDIT_MAX_QUERIES = 2000  # members and as many non-members per audit (distances cost queries x synthetic pairs)
 
 
 def _apply_preset(name):

@@ -145,3 +145,13 @@ def montage_figure(patches, seed):
         ax_img.set_title(f"{patches['patient'][i]} ({x},{y},{z})", fontsize=6, loc="left")
     fig.suptitle("image patches (left of each pair) and vessel labels (right)", fontsize=9)
     return fig
+
+
+def ensure_patches(split):
+    """The patches file of a split, extracted like `extract_patches.py --split <split>` if it is missing."""
+    path = patches_path(split)
+    if not path.is_file():
+        print(f"{path} does not exist: extracting the {split} patches (as `extract_patches.py --split {split}`)",
+              flush=True)
+        write_patches(split, config.PATCH_SEED)
+    return path

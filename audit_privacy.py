@@ -1,0 +1,43 @@
+"""Step 6: empirical privacy audit of a synthetic set by membership inference (SPEC "Auditing").
+
+    python audit_privacy.py --trial GAN1 --epoch 49 --thresh 0.8     # a set of generate_samples.py
+    python audit_privacy.py --synthetic other_sets/pairs.npz          # any npz with `img` and `label`
+
+Members: the training patches; non-members: as many patches of the held-out patients (val, test; extracted if
+their patches files are missing). Writes work/results/<set name>_audit.json (black-box AUC with its CI, TPR at
+1% and 0.1% FPR, patient-level AUC, control AUC, the critic's white-box AUC when the trial's critic exists) and
+<set name>_audit_roc.png, and prints the figures. See utils/audit.py for the attack and the README for what the
+figures do and do not prove.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import config
+from utils.audit import audit_synthetic_set
+from utils.common import add_device_arg, print_setup, script_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trial", default=None, help="GAN trial of the synthetic set")
+    p.add_argument("--epoch", type=int, default=None, help="epoch of the set, as given to generate_samples.py")
+    p.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic set")
+    p.add_argument("--synthetic", type=Path, default=None, help="audit this npz (arrays img and label) instead")
+    add_device_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing audit of the same set")
+    return p.parse_args(argv)
+
+
+@script_main
+def main(argv=None):
+    print_setup("audit_privacy")
+    result, path = audit_synthetic_set(parse_args(argv))
+    shown = {k: v for k, v in result.items() if k not in ("member_patients", "non_member_patients")}
+    print(f"\n{path}:\n{json.dumps(shown, indent=2)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

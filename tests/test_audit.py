@@ -1,0 +1,134 @@
+"""Membership-inference audit (utils/audit.py, audit_privacy.py) on hand-made patches of known membership."""
+
+import json
+
+import numpy as np
+import pytest
+
+import audit_privacy
+import config
+from utils import audit
+from utils.common import patches_path, save_npz
+
+PER_PATIENT = 60
+
+
+def patient_patches(patients, seed):
+    """Noise images with a random bright disc each (labelled), PER_PATIENT per patient."""
+    rng = np.random.default_rng(seed)
+    n = PER_PATIENT * len(patients)
+    yy, xx = np.mgrid[:96, :96]
+    img = rng.normal(100, 20, (n, 96, 96)).astype(np.float32)
+    label = np.zeros((n, 96, 96), np.uint8)
+    for i in range(n):
+        cy, cx, r = rng.integers(20, 76, 2).tolist() + [int(rng.integers(4, 12))]
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        label[i][disc], img[i][disc] = 1, img[i][disc] + 200
+    return {"img": img, "label": label, "patient": np.repeat(np.array(patients), PER_PATIENT)}
+
+
+@pytest.fixture(scope="module")
+def groups():
+    members = patient_patches(["m0", "m1", "m2", "m3"], 1)
+    held_out = patient_patches(["h0", "h1", "h2", "h3"], 2)
+    unseen = patient_patches(["u0", "u1", "u2", "u3"], 3)  # drawn like held-out patients, seen by nobody
+    return members, held_out, unseen
+
+
+def subset(pairs, index):
+    return {k: v[index] for k, v in pairs.items()}
+
+
+def test_a_memorising_set_is_found_with_auc_near_one_per_patch_and_per_patient(groups):
+    members, held_out, _ = groups
+    result, curves = audit.membership_audit(subset(members, slice(None)), members, held_out, seed=0)
+    assert result["mia_auc"] >= 0.99 and result["mia_auc_ci95"][0] > 0.95
+    assert result["patient_auc"] == 1.0
+    assert result["mia_tpr_at_1pct_fpr"] >= 0.99
+    assert result["verdict"].startswith("membership leaks")
+    assert result["critic_auc"].startswith("not computed")
+    assert set(curves) == {"black box (calibrated nearest neighbour)", "control (held-out vs held-out)"}
+
+
+def test_a_copy_of_half_the_members_scores_about_three_quarters(groups):
+    members, held_out, _ = groups
+    half = np.random.default_rng(4).permutation(len(members["img"]))[: len(members["img"]) // 2]
+    result, _ = audit.membership_audit(subset(members, half), members, held_out, seed=0)
+    assert 0.68 <= result["mia_auc"] <= 0.82
+    assert result["mia_tpr_at_1pct_fpr"] == pytest.approx(0.5, abs=0.12)  # the copied half, found with certainty
+
+
+def test_a_set_of_unseen_patients_and_the_control_are_at_chance(groups):
+    members, held_out, unseen = groups
+    result, _ = audit.membership_audit(unseen, members, held_out, seed=0)
+    assert result["mia_auc_ci95"][0] <= 0.5 <= result["mia_auc_ci95"][1]
+    assert abs(result["mia_auc"] - 0.5) < 0.08
+    assert result["control_ok"] and abs(result["control_auc"] - 0.5) < 0.1
+    assert result["verdict"].startswith("no membership signal")
+
+
+def test_white_box_critic_scores_are_used_when_given(groups):
+    members, held_out, _ = groups
+    member_ids = {id_ for id_ in np.unique(members["patient"])}
+    # an oracle critic that knows the members: the white-box AUC must be 1
+    lookup = {members["img"][i].tobytes(): 1.0 for i in range(len(members["img"]))}
+    result, curves = audit.membership_audit(
+        held_out, members, held_out, seed=0,
+        critic_score=lambda img, label: np.array([lookup.get(x.tobytes(), 0.0) for x in img]))
+    assert result["critic_auc"] == 1.0 and "white box (critic score; internal)" in curves
+    assert member_ids == set(result["member_patients"])
+
+
+def test_auc_tpr_and_bootstrap_on_hand_made_scores():
+    assert audit.auc([3, 4], [1, 2]) == 1.0 and audit.auc([1, 2], [3, 4]) == 0.0
+    assert audit.auc([1, 3], [2, 2]) == 0.5 and audit.auc([2], [2]) == 0.5
+    assert audit.tpr_at_fpr([5, 4, 3, 0], [3.5, 2, 1, 0.5], 0.25) == 0.75  # threshold 2: one non-member above
+    assert audit.tpr_at_fpr([5, 4, 3, 0], [3.5, 2, 1, 0.5], 0.0) == 0.5  # threshold 3.5
+    value, (low, high) = audit.auc_ci(np.arange(50) + 25, np.arange(50), seed=0)
+    assert low < value < high and value == pytest.approx(1 - (300 + 25 / 2) / 2500)  # 300 pairs below, 25 ties
+    fpr, tpr = audit.roc_curve(np.array([3.0, 4.0]), np.array([1.0, 2.0]))
+    assert fpr.tolist() == [0, 0, 0, 0.5, 1] and tpr.tolist() == [0, 0.5, 1, 1, 1]
+
+
+@pytest.fixture
+def workspace(dirs, groups):
+    members, held_out, _ = groups
+    save_npz(patches_path("train"), **members)
+    val, test = (subset(held_out, np.isin(held_out["patient"], ids)) for ids in (["h0", "h1"], ["h2", "h3"]))
+    save_npz(patches_path("val"), **val)
+    save_npz(patches_path("test"), **test)
+    synthetic = dirs[1] / "sets" / "copy.npz"
+    save_npz(synthetic, img=members["img"][..., None] * 1.0, label=members["label"][..., None])
+    return synthetic
+
+
+def test_audit_privacy_writes_the_json_and_the_roc_figure(workspace):
+    result = audit_privacy.main(["--synthetic", str(workspace), "--device", "cpu"])
+    json_path, roc_path = audit.audit_paths("copy")
+    saved = json.loads(json_path.read_text())
+    for key in ("mia_auc", "mia_auc_ci95", "mia_tpr_at_1pct_fpr", "mia_tpr_at_0.1pct_fpr", "patient_auc",
+                "patient_auc_ci95", "control_auc", "critic_auc", "threat_model", "verdict"):
+        assert key in saved, key
+    assert saved["mia_auc"] == result["mia_auc"] >= 0.95
+    assert roc_path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"), ("shape", "expected N x 96 x 96"), ("no_held_out", "needs held-out patients"),
+    ("both", "either --trial"),
+])
+def test_bad_input_stops_before_anything_is_written(workspace, monkeypatch, capsys, case, message):
+    argv = ["--synthetic", str(workspace)]
+    if case == "missing":
+        argv = ["--synthetic", str(workspace.with_name("none.npz"))]
+    elif case == "shape":
+        save_npz(workspace, img=np.zeros((3, 64, 64), np.float32), label=np.zeros((3, 64, 64), np.uint8))
+    elif case == "no_held_out":
+        monkeypatch.setitem(config.PATIENT_IDS, "val", [])
+        monkeypatch.setitem(config.PATIENT_IDS, "test", [])
+    else:
+        argv += ["--trial", "T"]
+    with pytest.raises(SystemExit):
+        audit_privacy.main(argv)
+    assert message in capsys.readouterr().err
+    assert not (config.WORK_DIR / "results").exists()
