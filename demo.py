@@ -1,8 +1,9 @@
 """`make demo`: the whole experiment at a small scale on the CPU, one numbered step after another.
 
 Runs the real scripts with the demo preset (DPGAN_PRESET=demo) in demo_data/ and demo_work/:
-phantoms -> patches -> a non-private and a private DP-WGAN -> synthetic sets -> U-Nets on real and on
-each synthetic set -> evaluation -> one side-by-side table. A step whose output exists is skipped, so
+phantoms -> patches -> a non-private and a private DP-WGAN -> synthetic sets (and their release bundles) ->
+membership-inference audit of each set -> U-Nets on real and on each synthetic set -> evaluation -> one
+side-by-side table. A step whose output exists is skipped, so
 running it again reuses what is there (delete demo_work/ to start over).
 """
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
 from utils import common, privacy  # noqa: E402
+from utils.audit import audit_paths  # noqa: E402
 
 TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, as in the paper's best model
 THRESH = config.THRESH
@@ -70,6 +72,10 @@ def main():
         steps.append((f"synthetic pairs of {trial}",
                       ["generate_samples.py", "--trial", trial, "--epoch", str(epoch), "--thresh", str(THRESH)],
                       lambda t=trial: common.synthetic_path(t, epoch, THRESH).is_file()))
+    for trial in trials:
+        steps.append((f"privacy audit of {trial}'s pairs",
+                      ["audit_privacy.py", "--trial", trial, "--epoch", str(epoch), "--thresh", str(THRESH)],
+                      lambda t=trial: audit_paths(common.synthetic_name(t, epoch, THRESH))[0].is_file()))
     for trial, name in zip([None, *trials], inputs):
         select = ["--real"] if trial is None else ["--trial", trial, "--epoch", str(epoch), "--thresh", str(THRESH)]
         steps.append((f"U-Nets on {name}", ["run_unet.py", *select], None))

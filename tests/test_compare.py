@@ -28,6 +28,8 @@ def test_collects_every_result_into_one_csv_table_and_figure(dirs, capsys):
     write_result(results, "DP_a_49_0.8", math.inf, 0.84, fid=62.0)
     write_result(results, "DP_b_49_0.8", 7.4, 0.75, fid=244.0)
     write_result(results, "DP_c_49_0.8", 3.1, 0.40)
+    (results / "DP_b_49_0.8_audit.json").write_text(json.dumps({"mia_auc": 0.512, "patient_auc": 0.6,
+                                                                "control_auc": 0.49}))
     (results / "WGAN_a").mkdir()  # a GAN's folder is not a result
     rows = compare_results.main([])
     assert [r["training_input"] for r in rows] == ["DP_a_49_0.8", "DP_b_49_0.8", "DP_c_49_0.8", "real"]
@@ -36,11 +38,14 @@ def test_collects_every_result_into_one_csv_table_and_figure(dirs, capsys):
     assert len(table) == 4
     b = next(r for r in table if r["training_input"] == "DP_b_49_0.8")
     assert float(b["epsilon"]) == 7.4 and float(b["test_dsc"]) == 0.75 and float(b["fid_train"]) == 244.0
+    assert (float(b["mia_auc"]), float(b["control_auc"])) == (0.512, 0.49)  # read from the set's audit
     c = next(r for r in table if r["training_input"] == "DP_c_49_0.8")
+    assert c["mia_auc"] == ""
     assert c["fid_train"].startswith("not computed")  # said, not replaced by a number
     assert (results / "summary_vs_epsilon.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "test DSC" in out and "0.750" in out and "inf" in out and "not computed" in out
+    assert "MIA AUC" in out and "0.512" in out
 
 
 def test_no_results_is_a_clear_error(dirs):

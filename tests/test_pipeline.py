@@ -3,6 +3,7 @@
 import json
 import math
 
+import audit_privacy
 import compare_results
 import eval_unet
 import extract_patches
@@ -20,6 +21,7 @@ def test_patches_to_result_files_and_comparison(dirs, capsys):
     extract_patches.main(["--split", "train"])
     run_gan.main(["--trial", "T", "--noisem", "1.5"])
     generate_samples.main(synthetic)
+    audit_privacy.main(synthetic)
     for select in (synthetic, ["--real"]):
         run_unet.main(select)
         eval_unet.main(select)
@@ -34,5 +36,6 @@ def test_patches_to_result_files_and_comparison(dirs, capsys):
             assert 0 <= result[f"{split}_dsc"]["mean"] <= 1
     assert private["fid"].startswith("not computed") or private["fid_train"] >= 0
     assert 0 < private["ssim_generated"] <= 1
+    assert 0 <= private["mia_auc"] <= 1 and 0 <= private["control_auc"] <= 1  # the audit, in the result file
     assert {r["training_input"] for r in rows} == {"DP_T_1_0.8", "real"}
     assert "test DSC" in capsys.readouterr().out

@@ -24,6 +24,7 @@ average), and the patient-level AUC (a patient's score = the mean of his patches
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +32,17 @@ import torch
 import config
 from utils.common import PipelineError, load_npz, minmax_scale, save_figure
 
+# The figures a result file and the comparison table show, with their labels.
+AUDIT_FIGURES = {
+    "mia_auc": "membership inference AUC (black box, calibrated nearest neighbour)",
+    "mia_auc_ci95": "membership inference AUC, 95% bootstrap interval",
+    "mia_tpr_at_1pct_fpr": "membership inference TPR at 1% FPR",
+    "mia_tpr_at_0.1pct_fpr": "membership inference TPR at 0.1% FPR",
+    "patient_auc": "membership inference AUC per patient",
+    "control_auc": "membership inference control AUC (held-out vs held-out; must be near 0.5)",
+    "critic_auc": "membership inference AUC with the critic (white box; internal)",
+    "verdict": "membership inference verdict",
+}
 N_BOOTSTRAP = 1000
 FPR_LEVELS = (0.01, 0.001)
 HELD_OUT_SPLITS = ("val", "test")  # non-members and the calibration reference; test2 is another protocol
@@ -242,8 +254,9 @@ def load_pairs(path, what, need_patients=False):
 
 
 # ---- audit_privacy.py ----
-def audit_paths(set_name):
-    stem = config.WORK_DIR / "results" / f"{set_name}_audit"
+def audit_paths(set_name, results_folder=None):
+    """(audit JSON, ROC figure) of a set, in the results folder (default WORK_DIR/results)."""
+    stem = Path(results_folder or config.WORK_DIR / "results") / f"{set_name}_audit"
     return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + "_roc.png")
 
 

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import config
+from utils.audit import audit_paths
 from utils.common import PipelineError, atomic_write, load_json, save_figure
 
 # (CSV column, key in <train_input>_results.json, part of a {"mean", "sd"} value or None)
@@ -20,6 +21,7 @@ COLUMNS = [
     ("test2_bahd", "test2_bahd", "mean"), ("test2_bahd_sd", "test2_bahd", "sd"),
     ("fid_train", "fid_train", None), ("fid_test", "fid_test", None), ("fid_difference", "fid_difference", None),
     ("ssim_generated", "ssim_generated", None), ("ssim_real", "ssim_real", None),
+    ("mia_auc", "mia_auc", None), ("patient_auc", "patient_auc", None), ("control_auc", "control_auc", None),
 ]
 # The CSV's `epsilon` is what the run counted (paper mode: the paper's count, not a valid bound); the table shows
 # only valid bounds.
@@ -28,7 +30,7 @@ TABLE = [("training input", "training_input", "{}"), ("valid eps", "epsilon_vali
          ("test2 DSC", "test2_dsc", "{:.3f}"), ("test bAHD", "test_bahd", "{:.2f}"),
          ("test2 bAHD", "test2_bahd", "{:.2f}"), ("FID train", "fid_train", "{:.1f}"),
          ("FID test", "fid_test", "{:.1f}"), ("SSIM gen", "ssim_generated", "{:.3f}"),
-         ("SSIM real", "ssim_real", "{:.3f}")]
+         ("SSIM real", "ssim_real", "{:.3f}"), ("MIA AUC", "mia_auc", "{:.3f}")]
 
 
 def results_dir():
@@ -50,6 +52,9 @@ def collect(folder=None):
             if part is not None:
                 value = value.get(part) if isinstance(value, dict) else None
             row[column] = value
+        audit = audit_paths(row["training_input"], folder)[0]
+        if row["training_input"] != "real" and audit.is_file():  # audited after its evaluation: the audit's own file
+            row.update({k: load_json(audit, "privacy audit").get(k) for k in ("mia_auc", "patient_auc", "control_auc")})
         if "fid" in result and row["fid_train"] is None:  # "not computed: <reason>" / "not applicable"
             row["fid_train"] = row["fid_test"] = result["fid"]
         rows.append(row)
