@@ -55,6 +55,9 @@ DP_MODE = "strict"  # "strict": valid accounting; "paper": the authors' loop (se
 DELTA = None  # None: 1 / number of training patches
 DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # RDP orders (Opacus/paper)
 GRAD_SAMPLE_MODE = "hooks"  # Opacus per-sample gradient engine
+PRIVACY_UNIT = "patch"  # "patch": the paper's; "patient": patient-level DP (Poisson-sampled patients)
+BATCH_PATIENTS = 4  # --privacy_unit patient: expected patients per critic iteration
+PATCHES_PER_PATIENT_STEP = 8  # --privacy_unit patient: patches each sampled patient contributes per iteration
 
 # ---- Synthesis (step 3) ----
 THRESH = 0.8

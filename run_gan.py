@@ -43,6 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--upsampling", action=argparse.BooleanOptionalAction, default=config.UPSAMPLING,
                    help="generator variant: linear stem, nearest upsampling and 5x5 convolutions")
     p.add_argument("--dp_mode", default=config.DP_MODE, help=f"one of {', '.join(DP_MODES)} (see SPEC)")
+    p.add_argument("--privacy_unit", default=config.PRIVACY_UNIT, choices=("patch", "patient"),
+                   help="what epsilon protects: one patch (the paper) or one patient (all his patches)")
+    p.add_argument("--batch_patients", type=int, default=config.BATCH_PATIENTS,
+                   help="--privacy_unit patient: expected (Poisson) patients per critic iteration; an epoch is "
+                        "round(patients / batch_patients) generator updates")
+    p.add_argument("--patches_per_patient_step", type=int, default=config.PATCHES_PER_PATIENT_STEP,
+                   help="--privacy_unit patient: patches each sampled patient contributes, drawn afresh each time")
     p.add_argument("--resume", action="store_true", help="continue the trial from its newest checkpoint")
     p.add_argument("--secure_rng", action="store_true",
                    help="draw the DP noise and the Poisson batches from a generator seeded from the operating "

@@ -207,7 +207,7 @@ def tiny_critic(zero_weights=False):
 
 def privatise(d, data, noise_multiplier, max_grad_norm, batch_size=8, mode="hooks"):
     opt = torch.optim.SGD(d.parameters(), lr=1.0)  # the step is minus the gradient the optimizer receives
-    return gan.make_private_critic(d, opt, data, batch_size, noise_multiplier, max_grad_norm, mode)
+    return gan.make_private_critic(d, opt, len(data), batch_size, noise_multiplier, max_grad_norm, mode)
 
 
 def per_sample_gradients(critic, samples, sign):
@@ -289,3 +289,87 @@ def test_generator_step_leaves_the_critic_alone():
         assert not isinstance(p.grad_sample, torch.Tensor) or p.grad_sample.shape[0] == 8  # from the critic step
     assert all(not torch.equal(p.detach(), b) for p, b in zip(g.parameters(), g_before))
     assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 1
+
+
+# ---- patient-level privacy ----
+def test_patient_step_clips_each_patients_mean_gradient_and_one_patient_moves_it_at_most_c_over_b():
+    k, b, max_norm = 2, 4, 0.05
+    d, bare, data = tiny_critic()
+    real, fake = data[:6], data[8:12]  # 3 sampled patients of k = 2 patches; b = 4 fake samples
+    real_grads = per_sample_gradients(bare, real, -1)
+    patient_grads = [[(a + c) / 2 for a, c in zip(real_grads[i], real_grads[i + 1])] for i in (0, 2, 4)]
+    units = patient_grads + per_sample_gradients(bare, fake, +1)
+    norms = torch.stack([global_norm(g) for g in units])
+    assert (norms > max_norm).any()
+
+    def update(real_batch):
+        critic = copy.deepcopy(d)
+        start = [p.detach().clone() for p in critic.parameters()]
+        private, dp_opt, engine, _ = privatise(critic, data, 0.0, max_norm, b)
+        gan.private_critic_step(private, dp_opt, real_batch, fake, clip_param_w=1e6, patches_per_patient=k)
+        assert engine.accountant.history == [(0.0, b / len(data), 1)]
+        return torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)])
+
+    expected = -sum(torch.cat([g.flatten() for g in unit]) * min(1.0, max_norm / (n.item() + 1e-6))
+                    for unit, n in zip(units, norms)) / b
+    with_all = update(real)
+    torch.testing.assert_close(with_all, expected, rtol=1e-4, atol=1e-6)
+    without_one = update(real[2:])  # the first patient removed
+    assert (with_all - without_one).norm().item() <= max_norm / b * (1 + 1e-4)
+
+
+def test_patient_batches_give_k_patches_of_each_sampled_patient():
+    patients = np.repeat(np.array(["a", "b", "c"]), [5, 3, 4])
+    patches_of = gan.patient_patches(patients)
+    assert [p.tolist() for p in patches_of] == [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11]]
+    generator = torch.Generator().manual_seed(0)
+    stream = gan.patient_batches(gan.poisson_sampler(3, 2, generator), patches_of, 3, generator)
+    for _ in range(20):
+        batch = next(stream)
+        assert len(batch) % 3 == 0
+        for i in range(0, len(batch), 3):
+            owner = patients[batch[i:i + 3].numpy()]
+            assert len(set(owner)) == 1 and len(set(batch[i:i + 3].tolist())) == 3
+
+
+def write_patient_patches(n_patients=4, per_patient=8):
+    write_patches(n_patients * per_patient)
+    path = patches_path("train")
+    arrays = dict(np.load(path))
+    arrays["patient"] = np.repeat(np.array([f"p{i}" for i in range(n_patients)]), per_patient)
+    np.savez(path, **arrays)
+
+
+def test_patient_level_run_accounts_one_step_per_critic_iteration_at_rate_b_over_p(dirs, dp_steps):
+    write_patient_patches()
+    trial = train("--epochs", "1", "--privacy_unit", "patient", "--batch_patients", "2",
+                  "--patches_per_patient_step", "3")
+    updates = round(4 / 2)
+    assert trial.updates_per_epoch == updates and len(dp_steps) == updates * config.N_DISCR
+    assert trial.engine.accountant.history == [(1.0, 2 / 4, updates * config.N_DISCR)]
+    assert trial.delta == 1 / 4 and trial.per_patient()["group_size"] == 1
+    stored = json.loads((gan_results_dir("t") / "config.json").read_text())
+    assert (stored["privacy_unit"], stored["n_units"]) == ("patient", 4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_patients", "5"], "--batch_patients 5: must lie between 1 and the 4 training patients"),
+    (["--patches_per_patient_step", "9"], "--patches_per_patient_step 9: must lie between 1 and 8"),
+    (["--grad_sample_mode", "ghost"], "per-sample gradients to average by patient"),
+])
+def test_patient_level_bad_flags_are_refused_before_anything_is_written(dirs, capsys, flags, message):
+    write_patient_patches()
+    with pytest.raises(SystemExit):
+        train("--privacy_unit", "patient", *flags)
+    assert message in capsys.readouterr().err
+    assert not gan_results_dir("t").exists() and not gan_model_dir("t").exists()
+
+
+def test_patient_level_needs_the_patient_array(dirs, capsys):
+    write_patches()
+    arrays = dict(np.load(patches_path("train")))
+    del arrays["patient"]
+    np.savez(patches_path("train"), **arrays)
+    with pytest.raises(SystemExit):
+        train("--privacy_unit", "patient")
+    assert "has no `patient` array" in capsys.readouterr().err

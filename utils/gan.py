@@ -18,6 +18,7 @@ gradients are post-processing.
 """
 
 import csv
+import functools
 import math
 import random
 import re
@@ -114,10 +115,9 @@ def seed_generators(seed, secure_rng, device):
     return (torch.Generator().manual_seed(seeds[0]), torch.Generator(device=device).manual_seed(seeds[1]))
 
 
-def poisson_sampler(n_samples, batch_size, generator):
-    """Opacus's Poisson sampler at rate batch / N: every patch joins each batch independently."""
-    return UniformWithReplacementSampler(num_samples=n_samples, sample_rate=batch_size / n_samples,
-                                         generator=generator)
+def poisson_sampler(n_units, batch_units, generator):
+    """Opacus's Poisson sampler at rate batch / N: every unit (patch or patient) joins each batch independently."""
+    return UniformWithReplacementSampler(num_samples=n_units, sample_rate=batch_units / n_units, generator=generator)
 
 
 def endless(sampler):
@@ -125,6 +125,21 @@ def endless(sampler):
     the sampler's generator, so restoring that generator's state continues the same stream."""
     while True:
         yield from sampler
+
+
+def patient_patches(patients):
+    """One LongTensor of patch indices per patient (in order of first appearance in the patches file)."""
+    _, first, inverse = np.unique(patients, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    return [torch.from_numpy(np.flatnonzero(inverse == i)) for i in order]
+
+
+def patient_batches(sampler, patches_of, k, generator):
+    """Patch indices of Poisson-sampled patients, without end: each sampled patient contributes k of his patches,
+    a fresh random subset each time, consecutively (patient after patient). All draws come from `generator`."""
+    for sampled in endless(sampler):
+        chosen = [patches_of[p][torch.randperm(len(patches_of[p]), generator=generator)[:k]] for p in sampled]
+        yield torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
 
 
 # ---- networks ----
@@ -147,25 +162,26 @@ def build_networks(margs):
     return g, d
 
 
-def make_private_critic(critic, optimizer, data, batch_size, noise_multiplier, max_grad_norm, grad_sample_mode,
+def make_private_critic(critic, optimizer, n_units, batch_units, noise_multiplier, max_grad_norm, grad_sample_mode,
                         generator=None, noise_generator=None):
     """Wrap the critic and its optimizer with Opacus; returns (critic, dp_optimizer, engine, sampler).
 
-    The loader is Opacus's Poisson DPDataLoader at rate q = batch / N (SPEC). make_private itself would derive
+    Units are patches (privacy unit patch) or patients. The loader is Opacus's Poisson DPDataLoader over the
+    N units at rate q = batch / N (SPEC); its sampler draws the batches. make_private itself would derive
     q = 1 / len(loader) and the expected batch int(N q) from a plain loader: 1 / ceil(N / batch) and 31 for
     the paper's N = 41,000 and batch 32. So the loader is built at q here and the accountant's hook and the
     mean's denominator are set to q and batch: the mechanism run is the one the accountant counts.
     """
     engine = PrivacyEngine(accountant="rdp")
-    loader = DPDataLoader(TensorDataset(data), sample_rate=batch_size / len(data), generator=generator)
+    loader = DPDataLoader(TensorDataset(torch.arange(n_units)), sample_rate=batch_units / n_units, generator=generator)
     private = engine.make_private(module=critic, optimizer=optimizer, data_loader=loader,
                                   noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                   poisson_sampling=False, grad_sample_mode=grad_sample_mode,
                                   noise_generator=noise_generator)
     critic, optimizer = private[0], private[1]  # ghost mode also returns a criterion, unused here
     critic.forbid_grad_accumulation()  # make_private does this only when it builds the Poisson loader itself
-    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=batch_size / len(data)))
-    optimizer.expected_batch_size = batch_size
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=batch_units / n_units))
+    optimizer.expected_batch_size = batch_units
     return critic, optimizer, engine, loader.batch_sampler
 
 
@@ -213,24 +229,42 @@ def _dp_backward(critic, optimizer, batch, sign):
     return scores.detach()
 
 
-def private_critic_step(critic, optimizer, real, fake, clip_param_w):
+def private_critic_step(critic, optimizer, real, fake, clip_param_w, patches_per_patient=None):
     """One strict DP-WGAN critic iteration on a fresh Poisson batch `real` and a generated batch `fake`.
 
     Update direction = (sum_i clip_C(grad -D(real_i)) + sum_j clip_C(grad D(fake_j)) + N(0, (noisem C)^2 I)) / B,
     B = the expected batch size (optimizer.expected_batch_size, which is also the fake batch's size): without
     clipping and noise, the gradient of the WGAN critic loss mean D(fake) - mean D(real). One backward pass, one
     noise draw, one accountant step at q = B / N. Then the optimizer steps and the weights are clamped.
+
+    Patient-level privacy (patches_per_patient = k): `real` holds k consecutive patches of each sampled patient;
+    their per-sample gradients are averaged into one per-patient gradient before Opacus clips it, so each term
+    i of the real sum is one patient, B is the expected number of patients, and removing a patient changes the
+    noiseless update by at most C / B. The average (not the sum) keeps a patient's gradient on the scale of one
+    patch's, so that one clipping norm suits both privacy units.
     Returns the detached (real, fake) scores and the step's diagnostics (dp_diagnostics).
     """
     optimizer.zero_grad()
     sign = torch.cat([-torch.ones(len(real), device=fake.device), torch.ones(len(fake), device=fake.device)])
     scores = _dp_backward(critic, optimizer, torch.cat([real, fake]), sign)
+    if patches_per_patient is not None:
+        average_real_gradients_by_patient(optimizer, len(real), patches_per_patient)
     if not optimizer.pre_step():  # clip, add noise, divide by B, accountant step
         raise RuntimeError("the DP optimizer skipped a step; nothing here asks it to")
     diagnostics = dp_diagnostics(critic, optimizer)
     optimizer.original_optimizer.step()
     clamp_critic_weights(critic, clip_param_w)
     return scores[:len(real)], scores[len(real):], diagnostics
+
+
+def average_real_gradients_by_patient(optimizer, n_real, k):
+    """Replace the per-sample gradients of n_real real patches (k consecutive ones per patient) by one mean
+    gradient per patient, before the DP optimizer clips; the fake samples' rows stay as they are."""
+    if n_real % k:
+        raise RuntimeError(f"{n_real} real patches are not whole patients of {k} patches")
+    for p in optimizer.params:
+        g = p.grad_sample
+        p.grad_sample = torch.cat([g[:n_real].reshape(n_real // k, k, *g.shape[1:]).mean(1), g[n_real:]])
 
 
 def dp_diagnostics(critic, optimizer):
@@ -338,14 +372,19 @@ class GanTrial:
         self.data, patients = load_real_pairs()
         self.n_samples = len(self.data)
         self.patient_group = largest_patient_group(patients)
+        # The privacy unit: patches, or patients (each sampled patient gives k patches per critic iteration).
+        self.patches_of = self._patient_patches(patients) if args.privacy_unit == "patient" else None
+        self.n_units = len(self.patches_of) if self.patches_of else self.n_samples
+        self.batch_units = args.batch_patients if self.patches_of else args.batch_size
         try:
-            privacy.check_settings(batch_size=args.batch_size, n_samples=self.n_samples)
+            privacy.check_settings(batch_size=self.batch_units, n_samples=self.n_units)
         except ValueError as err:
-            raise PipelineError(str(err)) from None
+            raise PipelineError(str(err).replace("--batch_size", "--batch_patients" if self.patches_of else
+                                                 "--batch_size")) from None
         self.private = not math.isinf(args.noisem)
-        self.delta = config.DELTA if config.DELTA is not None else 1.0 / self.n_samples
-        self.sample_rate = args.batch_size / self.n_samples
-        self.updates_per_epoch = privacy.steps_per_epoch(self.n_samples, args.batch_size)
+        self.delta = config.DELTA if config.DELTA is not None else 1.0 / self.n_units
+        self.sample_rate = self.batch_units / self.n_units
+        self.updates_per_epoch = privacy.steps_per_epoch(self.n_units, self.batch_units)
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
@@ -366,12 +405,15 @@ class GanTrial:
         checkpoint = self._load_checkpoint(opt_d) if args.resume else None
         if self.private:
             self.d, self.opt_d, self.engine, sampler = make_private_critic(
-                self.critic, opt_d, self.data, args.batch_size, args.noisem, args.max_norm_dp, args.grad_sample_mode,
-                self.sampler_generator, self.noise_generator)
+                self.critic, opt_d, self.n_units, self.batch_units, args.noisem, args.max_norm_dp,
+                args.grad_sample_mode, self.sampler_generator, self.noise_generator)
             self.critic_step_fn = private_critic_step if args.dp_mode == "strict" else paper_critic_step
+            if self.patches_of:
+                self.critic_step_fn = functools.partial(private_critic_step,
+                                                        patches_per_patient=args.patches_per_patient_step)
         else:
             self.d, self.opt_d, self.engine = self.critic, opt_d, None
-            sampler = poisson_sampler(self.n_samples, args.batch_size, self.sampler_generator)
+            sampler = poisson_sampler(self.n_units, self.batch_units, self.sampler_generator)
             self.critic_step_fn = plain_critic_step
         if checkpoint is not None:
             if self.private:
@@ -379,7 +421,8 @@ class GanTrial:
             restore_rng_states(checkpoint["rng"], self.sampler_generator, self.noise_generator)
         else:
             self._write_config()
-        self.indices = endless(sampler)
+        self.indices = patient_batches(sampler, self.patches_of, args.patches_per_patient_step,
+                                       self.sampler_generator) if self.patches_of else endless(sampler)
 
     # -- setup helpers --
     @staticmethod
@@ -398,6 +441,25 @@ class GanTrial:
                                    dp_mode=args.dp_mode)
         except ValueError as err:
             raise PipelineError(str(err)) from None
+
+    def _patient_patches(self, patients):
+        """Patch indices per patient for --privacy_unit patient, with its flags checked against the patches file."""
+        args, path = self.args, patches_path("train")
+        if patients is None:
+            raise PipelineError(f"--privacy_unit patient: the patches file {path} has no `patient` array (which "
+                                f"patch belongs to whom); extract it again with extract_patches.py")
+        if args.dp_mode != "strict" or args.grad_sample_mode == "ghost":
+            raise PipelineError(f"--privacy_unit patient needs --dp_mode strict and per-sample gradients to average "
+                                f"by patient: --grad_sample_mode hooks, functorch or ew (not {args.grad_sample_mode})")
+        patches_of = patient_patches(patients)
+        fewest = min(len(p) for p in patches_of)
+        if not 1 <= args.patches_per_patient_step <= fewest:
+            raise PipelineError(f"--patches_per_patient_step {args.patches_per_patient_step}: must lie between 1 "
+                                f"and {fewest}, the fewest patches any patient has in {path}")
+        if not 1 <= args.batch_patients <= len(patches_of):
+            raise PipelineError(f"--batch_patients {args.batch_patients}: must lie between 1 and the "
+                                f"{len(patches_of)} training patients in {path}")
+        return patches_of
 
     def _check_trial_folders(self):
         """Refuse to start over an existing trial; for --resume, check it exists and was run with these flags."""
@@ -439,6 +501,7 @@ class GanTrial:
                   {"args": vars(self.args), "preset": config.PRESET, "versions": versions(), "config": config_values(),
                    "n_samples": self.n_samples, "delta": self.delta, "sample_rate": self.sample_rate,
                    "updates_per_epoch": self.updates_per_epoch, "patches_per_patient_max": self.patient_group,
+                   "privacy_unit": self.args.privacy_unit, "n_units": self.n_units,
                    "seeded": not self.args.secure_rng})
         self.model_dir.mkdir(parents=True, exist_ok=True)
 
@@ -448,8 +511,9 @@ class GanTrial:
         return self.data[next(self.indices)].to(self.device)
 
     def fake_batch(self):
+        """batch_units generated pairs: as many as the expected real units, so both halves have one scale."""
         with torch.no_grad():
-            z = torch.randn(self.args.batch_size, self.generator.latent_dim, device=self.device)
+            z = torch.randn(self.batch_units, self.generator.latent_dim, device=self.device)
             return self.generator(z)
 
     def begin_epoch(self, epoch):
@@ -527,7 +591,8 @@ class GanTrial:
         return {"loss_d": f"{means['loss_d']:.4f}", "loss_g": f"{means['loss_g']:.4f}", **shown}
 
     def per_patient(self):
-        return privacy.group_privacy(self.epsilon()[1], self.delta, self.patient_group)
+        group = 1 if self.patches_of else self.patient_group  # patient-level: the guarantee is per patient
+        return privacy.group_privacy(self.epsilon()[1], self.delta, group)
 
     # -- end of an epoch: checkpoint, log, figures --
     def end_epoch(self):

@@ -53,7 +53,8 @@ def trial_privacy(trial, trial_config, epoch):
     out = {"dp_mode": dp_mode, "noise_multiplier": noisem, "max_norm_dp": args.get("max_norm_dp"),
            "sample_rate": rate, "delta": delta, "n_samples": trial_config.get("n_samples"),
            "generator_updates": accountant["generator_updates"], "seeded": trial_config.get("seeded", True),
-           "patches_per_patient_max": trial_config.get("patches_per_patient_max", config.PATCHES_PER_PATIENT)}
+           "patches_per_patient_max": trial_config.get("patches_per_patient_max", config.PATCHES_PER_PATIENT),
+           "privacy_unit": trial_config.get("privacy_unit", "patch")}
     if math.isinf(noisem):
         return {**out, "epsilon": math.inf, "epsilon_valid": math.inf, "epsilon_valid_prv": math.inf, "steps": 0}
     counted = [tuple(h) for h in accountant["history"]]
@@ -69,9 +70,10 @@ def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, s
     """privacy.json of a release bundle."""
     p = trial_privacy_
     private = not math.isinf(p["epsilon_valid"])
-    group = privacy.group_privacy(p["epsilon_valid"], p["delta"], p["patches_per_patient_max"])
+    patient_level = p["privacy_unit"] == "patient"
+    group = privacy.group_privacy(p["epsilon_valid"], p["delta"], 1 if patient_level else p["patches_per_patient_max"])
     statement = {
-        "privacy_unit": "patch",
+        "privacy_unit": p["privacy_unit"],
         "epsilon": json_number(p["epsilon_valid"]),
         "delta": p["delta"],
         "accountant": "rdp (opacus.accountants.RDPAccountant, the paper's orders)",
@@ -95,19 +97,25 @@ def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, s
 
 def readme_text(set_name, statement, trial):
     s = statement
+    patient_level = s["privacy_unit"] == "patient"
+    unit = ("ONE training patient (all of his patches)" if patient_level else
+            "ONE training patch (a 96 x 96 axial slice patch)")
     if s["epsilon"] == "inf":
         guarantee = ("This set has NO differential privacy guarantee: its generator was trained without clipping "
                      "or noise. Do not share it outside the institution that holds the training scans.")
     else:
         guarantee = (f"The generator and the synthetic pairs are ({s['epsilon']:.3g}, {s['delta']:.3g})-"
-                     f"differentially private with respect to ONE training patch (a 96 x 96 axial slice patch): "
-                     f"adding or removing any single patch changes the probability of any output by at most a "
+                     f"differentially private with respect to {unit}: adding or removing any single "
+                     f"{s['privacy_unit']} changes the probability of any output by at most a "
                      f"factor exp({s['epsilon']:.3g}), except with probability {s['delta']:.3g}. Accounted by "
                      f"Opacus's RDP accountant; its PRV accountant gives {s['epsilon_prv']:.3g} for the same run.")
     seeded = ("The DP noise and the batch sampling were drawn from a generator seeded from the operating system's "
               "entropy (run_gan.py --secure_rng).") if not s["seeded"] else (
         "WARNING: the DP noise and batch sampling came from a seeded generator (a research run). Whoever knows the "
         "seed and the other training patches could replay training; release data from a --secure_rng run.")
+    not_covered = ("Several patients together: for a group of g patients, epsilon grows about g-fold." if patient_level
+                   else f"A patient. Each patient contributed up to {s['per_patient']['group_size']} patches; group "
+                        f"privacy turns the\n    per-patch guarantee into: {s['per_patient']['statement']}.")
     return f"""Synthetic TOF-MRA image-label pairs: {set_name}
 
 What is here (and nothing else):
@@ -119,8 +127,7 @@ What the guarantee covers:
   {guarantee}
 
 What it does NOT cover:
-  - A patient. Each patient contributed up to {s['per_patient']['group_size']} patches; group privacy turns the
-    per-patch guarantee into: {s['per_patient']['statement']}.
+  - {not_covered}
   - Anything outside this folder: the GAN's critic, its training log (losses and critic scores on the training
     patches), checkpoints, seeds, and any metric computed against the training patches (FID to train, SSIM of
     real patches, t-SNE) were computed without noise and must not be shared.
