@@ -6,6 +6,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 import config
+from model import Discriminator
 from utils import privacy
 
 PAPER = dict(epochs=29, batch_size=32, n_samples=41_000, n_discr=5)
@@ -131,3 +132,28 @@ def test_command_line_rejects_bad_noise(capsys):
     with pytest.raises(SystemExit):
         privacy.main(["--noisem", "0", "--n_samples", "100", "--batch_size", "10"])
     assert "--noisem" in capsys.readouterr().err
+
+
+def test_patient_level_calculator_accounts_at_the_patient_sampling_rate(capsys):
+    privacy.main(["--noisem", "1.0", "--privacy_unit", "patient", "--n_patients", "41", "--batch_patients", "10",
+                  "--epochs", "10", "--n_discr", "5"])
+    out = json.loads(capsys.readouterr().out)
+    steps = 10 * round(41 / 10) * 5  # an epoch: round(P / b) generator updates of n_discr critic iterations
+    assert (out["privacy_unit"], out["n_patients"], out["batch_patients"], out["steps"]) == ("patient", 41, 10, steps)
+    assert out["epsilon_valid"] == pytest.approx(opacus_epsilon(1.0, 10 / 41, steps, 1 / 41), rel=1e-12)
+    assert out["per_patient"]["group_size"] == 1 and out["per_patient"]["epsilon"] == out["epsilon_valid"]
+    privacy.main(["--target_epsilon", "10", "--privacy_unit", "patient", "--n_patients", "200", "--batch_patients",
+                  "50", "--epochs", "5"])
+    out = json.loads(capsys.readouterr().out)
+    assert 9.9 < out["epsilon_valid"] <= 10
+
+
+def test_patient_level_calculator_refuses_more_patients_per_batch_than_patients(capsys):
+    with pytest.raises(SystemExit):
+        privacy.main(["--noisem", "1", "--privacy_unit", "patient", "--n_patients", "4", "--batch_patients", "5"])
+    assert "--batch_patients 5" in capsys.readouterr().err
+
+
+def test_noise_to_signal_is_sigma_sqrt_d_over_b():
+    assert privacy.noise_to_signal(0.5, 10_000, 25) == pytest.approx(0.5 * 100 / 25)
+    assert privacy.critic_parameters(16) == sum(p.numel() for p in Discriminator(16).parameters()) > 100_000

@@ -151,11 +151,51 @@ def group_privacy(epsilon, delta, group_size):
     return {"group_size": k, "epsilon": k * epsilon, "delta": group_delta, "meaningful": group_delta < 1.0}
 
 
+def critic_parameters(ndf):
+    """The number of parameters of the critic of width ndf (the d of the noise norm sigma C sqrt(d))."""
+    from model import Discriminator
+
+    return sum(p.numel() for p in Discriminator(ndf).parameters())
+
+
+def noise_to_signal(noise_multiplier, n_parameters, batch_units):
+    """Norm of the noise over the largest clipped signal of one step: sigma C sqrt(d) / (B C)."""
+    return noise_multiplier * math.sqrt(n_parameters) / batch_units
+
+
+PATIENT_TABLE = {"patients": (41, 200, 1000), "epsilons": (1, 4, 10), "iterations": (1000, 10_000)}
+
+
+def patient_cost_rows(batch_fraction=0.25, ndf=16, n_discr=None):
+    """Rows of the README's patient-level cost table: for every (patients P, critic iterations, epsilon), the noise
+    multiplier for a valid patient-level epsilon at delta 1/P with b = round(batch_fraction P) patients per
+    iteration, and the noise-to-signal ratio per step for the critic of width ndf; the patch-level figure
+    (41,000 patches, batch 32) beside it."""
+    n_discr = n_discr or config.N_DISCR
+    d = critic_parameters(ndf)
+    rows = []
+    for n_units, batch, unit in [(41_000, 32, "patch")] + [(p, max(1, round(batch_fraction * p)), "patient")
+                                                          for p in PATIENT_TABLE["patients"]]:
+        for iterations in PATIENT_TABLE["iterations"]:
+            epochs = iterations / (n_discr * steps_per_epoch(n_units, batch))
+            for target in PATIENT_TABLE["epsilons"]:
+                sigma = noise_for_target_epsilon(target, epochs, batch, n_units, n_discr)
+                rows.append({"unit": unit, "units": n_units, "batch": batch, "iterations": iterations,
+                             "epsilon": target, "noise_multiplier": sigma,
+                             "noise_to_signal": noise_to_signal(sigma, d, batch)})
+    return rows, d
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m utils.privacy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m utils.privacy", description=__doc__.split("\n\n")[0],
+                                epilog="Patient-level privacy: --privacy_unit patient --n_patients P --batch_patients "
+                                       "b; an epoch is then round(P / b) generator updates (as round(N / batch) "
+                                       "for patches), each of n_discr critic iterations.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--noisem", type=float, help="noise multiplier (inf: non-private)")
     which.add_argument("--target_epsilon", type=float, help="find the noise multiplier reaching this valid epsilon")
+    which.add_argument("--patient_cost_table", action="store_true",
+                       help="print the README's table: noise and noise-to-signal for patient-level epsilon 1, 4, 10")
     p.add_argument("--epochs", type=float, default=config.EPOCHS)
     p.add_argument("--batch_size", type=int, default=config.BATCH_SIZE)
     p.add_argument("--n_samples", type=int, default=config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT)
@@ -163,22 +203,47 @@ def main(argv=None):
     p.add_argument("--dp_mode", default=config.DP_MODE, choices=DP_MODES)
     p.add_argument("--delta", type=float, default=config.DELTA, help="default: 1 / n_samples")
     p.add_argument("--patches_per_patient", type=int, default=config.PATCHES_PER_PATIENT)
+    p.add_argument("--privacy_unit", default="patch", choices=("patch", "patient"),
+                   help="patient: account at rate batch_patients / n_patients (run_gan.py --privacy_unit patient)")
+    p.add_argument("--n_patients", type=int, default=config.N_PATIENTS["train"])
+    p.add_argument("--batch_patients", type=int, default=config.BATCH_PATIENTS)
     p.add_argument("--accountant", default="rdp", choices=ACCOUNTANTS,
                    help="accountant of the --target_epsilon search (default rdp, the paper's); both are printed")
     args = p.parse_args(argv)
+    if args.patient_cost_table:
+        return print_patient_cost_table()
+    # Patient-level accounting is the same subsampled Gaussian over patients instead of patches.
+    patient = args.privacy_unit == "patient"
+    units, batch = (args.n_patients, args.batch_patients) if patient else (args.n_samples, args.batch_size)
     try:
+        if patient and not 1 <= args.batch_patients <= args.n_patients:
+            raise ValueError(f"--batch_patients {args.batch_patients}: must lie between 1 and --n_patients "
+                             f"{args.n_patients}")
         noisem = args.noisem
         if args.target_epsilon is not None:
-            noisem = noise_for_target_epsilon(args.target_epsilon, args.epochs, args.batch_size, args.n_samples,
-                                              args.n_discr, args.dp_mode, args.delta, args.accountant)
-        result = gan_privacy(noisem, args.epochs, args.batch_size, args.n_samples, args.n_discr, args.dp_mode,
-                             args.delta, args.patches_per_patient)
+            noisem = noise_for_target_epsilon(args.target_epsilon, args.epochs, batch, units, args.n_discr,
+                                              args.dp_mode, args.delta, args.accountant)
+        result = gan_privacy(noisem, args.epochs, batch, units, args.n_discr, args.dp_mode, args.delta,
+                             1 if patient else args.patches_per_patient)
     except ValueError as err:
         p.error(str(err))
+    result["privacy_unit"] = args.privacy_unit
+    if patient:
+        result["n_patients"], result["batch_patients"] = result.pop("n_samples"), result.pop("batch_size")
     if args.target_epsilon is not None:
         result.update(target_epsilon=args.target_epsilon, target_accountant=args.accountant)
     print(json.dumps(result, indent=2))
     return result
+
+
+def print_patient_cost_table():
+    rows, d = patient_cost_rows()
+    print(f"| unit | units | batch | critic iterations | epsilon | noise multiplier | noise / signal (d = {d:,}) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['unit']} | {r['units']:,} | {r['batch']} | {r['iterations']:,} | {r['epsilon']} | "
+              f"{r['noise_multiplier']:.3g} | {r['noise_to_signal']:.3g} |")
+    return rows
 
 
 if __name__ == "__main__":
