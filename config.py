@@ -40,6 +40,15 @@ STRD = 2
 PADG = 1
 OPG = 0
 UPSAMPLING = False
+# The recipe: the paper's (below) or, e.g., presets/dcgan.py. ARCH "paper": the paper's networks (model.py Generator,
+# Discriminator); "dcgan": the small DCGAN pair (model.py DCGANGenerator, DCGANCritic).
+ARCH = "paper"
+LOSS = "wgan"  # "wgan" (with weight clipping, the paper), "hinge", "ns" (non-saturating)
+OPTIMIZER = "rmsprop"  # "rmsprop" (the paper) or "adam" (betas BETA1, 0.999)
+BETA1 = 0.5
+EMA = 0.0  # decay of an exponential moving average of the generator's weights (0: off); synthesis samples it
+DIFFAUGMENT = False  # DiffAugment (flips, translation) of real and generated pairs before the critic
+LABEL_SCALE = "01"  # real labels as 0/1 (the paper) or "pm1": -1/1, the range of the generator's output
 BATCH_SIZE = 32
 N_DISCR = 5
 EPOCHS = 50

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import config
 from utils.common import add_device_arg, print_setup, script_main
-from utils.gan import GRAD_SAMPLE_MODES, PROGRESS_EVERY, GanTrial
+from utils.gan import GRAD_SAMPLE_MODES, LOSSES, OPTIMIZERS, PROGRESS_EVERY, GanTrial
 from utils.privacy import DP_MODES
 
 
@@ -28,8 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--clip_param_W", type=float, default=config.CLIP_PARAM_W, help="WGAN critic weight clip")
     p.add_argument("--n_discr", type=int, default=config.N_DISCR, help="critic iterations per generator update")
     p.add_argument("--batch_size", type=int, default=config.BATCH_SIZE, help="expected (Poisson) batch size")
-    p.add_argument("--lrd", type=float, default=config.LRD, help="critic learning rate (RMSprop)")
-    p.add_argument("--lrg", type=float, default=config.LRG, help="generator learning rate (RMSprop)")
+    p.add_argument("--lrd", type=float, default=config.LRD, help="critic learning rate")
+    p.add_argument("--lrg", type=float, default=config.LRG, help="generator learning rate")
     p.add_argument("--ndf", type=int, default=config.NDF, help="critic filters")
     p.add_argument("--ngf", type=int, default=config.NGF, help="generator filters")
     p.add_argument("--kd", type=int, default=config.KD, help="critic kernel size")
@@ -43,6 +43,17 @@ def parse_args(argv=None):
     p.add_argument("--upsampling", action=argparse.BooleanOptionalAction, default=config.UPSAMPLING,
                    help="generator variant: linear stem, nearest upsampling and 5x5 convolutions")
     p.add_argument("--dp_mode", default=config.DP_MODE, help=f"one of {', '.join(DP_MODES)} (see SPEC)")
+    p.add_argument("--arch", default=config.ARCH, choices=("paper", "dcgan"),
+                   help="networks: the paper's, or the small DCGAN pair (ngf, ndf set their widths)")
+    p.add_argument("--loss", default=config.LOSS, help=f"GAN loss: one of {', '.join(LOSSES)} (wgan clips weights)")
+    p.add_argument("--optimizer", default=config.OPTIMIZER, help=f"one of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--beta1", type=float, default=config.BETA1, help="Adam's first beta (the second is 0.999)")
+    p.add_argument("--ema", type=float, default=config.EMA,
+                   help="decay of the generator's weight average that synthesis samples (0: off; free under DP)")
+    p.add_argument("--diffaugment", action=argparse.BooleanOptionalAction, default=config.DIFFAUGMENT,
+                   help="flip and translate real and generated pairs before the critic (DiffAugment)")
+    p.add_argument("--label_scale", default=config.LABEL_SCALE, choices=("01", "pm1"),
+                   help="real labels as 0/1 (the paper) or -1/1")
     p.add_argument("--privacy_unit", default=config.PRIVACY_UNIT, choices=("patch", "patient"),
                    help="what epsilon protects: one patch (the paper) or one patient (all his patches)")
     p.add_argument("--batch_patients", type=int, default=config.BATCH_PATIENTS,

@@ -373,3 +373,74 @@ def test_patient_level_needs_the_patient_array(dirs, capsys):
     with pytest.raises(SystemExit):
         train("--privacy_unit", "patient")
     assert "has no `patient` array" in capsys.readouterr().err
+
+
+# ---- recipe knobs: losses, DiffAugment, EMA, the dcgan networks ----
+def test_critic_and_generator_losses_on_hand_made_scores():
+    s = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.equal(gan.critic_loss_terms(s, True, "wgan"), -s)
+    assert torch.equal(gan.critic_loss_terms(s, False, "wgan"), s)
+    assert gan.critic_loss_terms(s, True, "hinge").tolist() == [3.0, 1.0, 0.0]
+    assert gan.critic_loss_terms(s, False, "hinge").tolist() == [0.0, 1.0, 4.0]
+    torch.testing.assert_close(gan.critic_loss_terms(s, True, "ns"), torch.log1p(torch.exp(-s)))
+    torch.testing.assert_close(gan.generator_loss(s, "ns"), torch.log1p(torch.exp(-s)).mean())
+    assert gan.generator_loss(s, "hinge") == -s.mean()
+
+
+@pytest.mark.parametrize("loss", ["ns", "hinge"])
+def test_noiseless_private_step_clips_the_per_sample_terms_of_other_losses(loss):
+    batch_size = 8
+    d, bare, data = tiny_critic()
+    real, fake = data[:5], data[8:16]
+    params = list(bare.parameters())
+    per_sample = [torch.autograd.grad(gan.critic_loss_terms(bare(x[None]), is_real, loss).sum(), params)
+                  for xs, is_real in ((real, True), (fake, False)) for x in xs]
+    norms = torch.stack([global_norm(g) for g in per_sample])
+    max_norm = norms[norms > 0].median().item()
+    expected = [p.detach() - sum(g[i] * min(1.0, max_norm / (n.item() + 1e-6)) for g, n in zip(per_sample, norms))
+                / batch_size for i, p in enumerate(params)]
+    private, dp_opt, _, _ = privatise(d, data, 0.0, max_norm, batch_size)
+    gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss=loss)
+    for p, e in zip(d.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
+
+
+def test_diff_augment_moves_image_and_label_together():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 96, 96).repeat(1, 2, 1, 1)
+    out = gan.diff_augment(x)
+    assert out.shape == x.shape and torch.equal(out[:, 0], out[:, 1])
+    assert not torch.equal(out, x)
+    assert gan.diff_augment(x[:0]).shape == (0, 2, 96, 96)
+
+
+def test_ema_averages_weights_and_copies_buffers():
+    model, average = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        average.weight.fill_(0.0)
+        model.running_mean.fill_(5.0)
+    gan.update_ema(average, model, 0.9)
+    torch.testing.assert_close(average.weight, torch.full((3,), 0.1))
+    assert torch.equal(average.running_mean, model.running_mean)
+
+
+def test_dcgan_recipe_trains_resumes_and_synthesises_with_the_ema_generator(work, capsys):
+    import generate_samples
+    from utils.common import synthetic_path
+
+    flags = ["--arch", "dcgan", "--ngf", "2", "--ndf", "4", "--loss", "ns", "--optimizer", "adam", "--lrd", "2e-4",
+             "--lrg", "2e-4", "--ema", "0.9", "--diffaugment", "--label_scale", "pm1"]
+    trial = train("--epochs", "1", *flags)
+    assert trial.weight_clip is None and isinstance(trial.opt_g, torch.optim.Adam)
+    assert trial.data[:, 1].unique().tolist() == [-1.0, 1.0]
+    rows = log_rows()
+    assert float(rows[0]["grad_norm_median"]) > 0 and 0 <= float(rows[0]["clipped_fraction"]) <= 1
+    resumed = train("--epochs", "2", "--resume", *flags)
+    assert resumed.accounted_steps() == 2 * trial.updates_per_epoch * config.N_DISCR
+    checkpoint = gan.load_checkpoint(gan.checkpoint_path("t", 1))
+    assert checkpoint["generator_ema"] is not None
+    generate_samples.main(["--trial", "t", "--epoch", "1", "--n_samples", "4"])
+    info = json.loads(synthetic_path("t", 1, 0.8).with_suffix(".json").read_text())
+    assert "label = generator label output > 0.6 " in info["label_rule"]  # 2 x 0.8 - 1 on the -1/1 scale
+    assert info["model_args"]["arch"] == "dcgan"

@@ -7,10 +7,9 @@ import torch
 
 import generate_samples
 import run_gan
-from model import Generator
 from utils import release
 from utils.common import PipelineError, gan_results_dir, synthetic_name
-from utils.gan import checkpoint_path, read_log
+from utils.gan import build_generator, checkpoint_path, read_log
 from utils.privacy import PRV_EPS_ERROR
 from utils.release import PAPER_COUNT_KEY, RELEASE_FILES, release_dir
 from utils.synthesis import BEST_EPOCH
@@ -52,7 +51,7 @@ def test_private_run_epoch_9999_releases_four_files_with_the_last_epochs_valid_e
     saved = torch.load(folder / "generator.pt", weights_only=True)
     assert set(saved) == {"state_dict", "model_args"}
     assert set(saved["model_args"]) == set(release.GENERATOR_ARGS)
-    generator = Generator(**saved["model_args"])
+    generator = build_generator(saved["model_args"])
     generator.load_state_dict(saved["state_dict"])  # every key is the generator's: no critic, no RNG state
     readme = (folder / "README.txt").read_text()
     assert "ONE training patch" in readme and "does NOT cover" in readme and "seeded generator" in readme

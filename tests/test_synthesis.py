@@ -70,7 +70,9 @@ def make_trial(work, label_weight=None, epochs=(0, 1, 2, 3, 4), noisem=1.0, tria
         writer.writerow(LOG_COLUMNS)
         for epoch, loss_g in enumerate(LOSS_G):
             eps = "inf" if math.isinf(noisem) else epsilon_after(epoch, noisem)
-            writer.writerow([epoch, 0.1, loss_g, 0.0, 0.0, 0.0, eps, eps, eps, STEPS_PER_EPOCH * (epoch + 1), 1.0])
+            diagnostics = [0.5, 1.0, 20.0]  # grad_norm_median, clipped_fraction, noise_to_signal
+            steps = STEPS_PER_EPOCH * (epoch + 1)
+            writer.writerow([epoch, 0.1, loss_g, 0.0, 0.0, 0.0, eps, eps, eps, *diagnostics, steps, 1.0])
     return generator
 
 

@@ -17,6 +17,7 @@ The generator runs the critic with Opacus's per-sample hooks off (`critic_withou
 gradients are post-processing.
 """
 
+import copy
 import csv
 import functools
 import math
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks, GradSampleModuleFastGradientClipping
@@ -37,7 +39,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import TensorDataset
 
 import config
-from model import Discriminator, Generator
+from model import DCGANCritic, DCGANGenerator, Discriminator, Generator
 from utils import privacy
 from utils.common import (
     PipelineError,
@@ -64,6 +66,9 @@ LOG_COLUMNS = ("epoch", "loss_d", "loss_g", "wasserstein", "d_real", "d_fake", "
 LOAD_CHUNK = 4096  # patches scaled at a time when loading
 N_FIXED_SAMPLES = 8  # generator samples drawn from one fixed noise batch after every epoch
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+LOSSES = ("wgan", "hinge", "ns")
+OPTIMIZERS = ("rmsprop", "adam")
+DIFF_AUGMENT_SHIFT = 12  # pixels of the DiffAugment translation (1/8 of the patch)
 # Flags that may change when a trial is resumed: they do not change what is trained or how it is accounted.
 RESUMABLE_CHANGES = ("resume", "epochs", "device", "grad_sample_mode")
 PROGRESS_EVERY = 20  # generator updates between refreshes of the progress bar's epsilon (~20 ms each)
@@ -73,9 +78,10 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 
 # ---- data ----
-def load_real_pairs():
+def load_real_pairs(label_scale="01"):
     """(pairs, patients): training pairs, float32 N x 2 x 96 x 96 (image min-max scaled per patch to [-1, 1],
-    label 0/1), and the patches file's patient id of every pair (None if the file has no `patient` array)."""
+    label 0/1, or -1/1 for label_scale "pm1"), and the patches file's patient id of every pair (None if the
+    file has no `patient` array)."""
     path = patches_path("train")
     if not path.is_file():
         raise PipelineError(f"patches file {path} does not exist; run extract_patches.py first")
@@ -90,7 +96,7 @@ def load_real_pairs():
     for start in range(0, len(img), LOAD_CHUNK):  # in chunks: the paper's 41,000 pairs alone take 3 GB
         chunk = slice(start, start + LOAD_CHUNK)
         pairs[chunk, 0] = minmax_scale(img[chunk], -1, 1)
-        pairs[chunk, 1] = label[chunk]
+        pairs[chunk, 1] = label[chunk] * 2.0 - 1.0 if label_scale == "pm1" else label[chunk]
     patients = arrays.get("patient")
     if patients is not None and len(patients) != len(img):
         raise PipelineError(f"patches file {path}: {len(patients)} patient ids for {len(img)} patches")
@@ -144,17 +150,36 @@ def patient_batches(sampler, patches_of, k, generator):
 
 # ---- networks ----
 def model_args(args):
-    return dict(ngf=args.ngf, kg=args.kg, strg=args.strg, padg=args.padg, opg=args.opg,
-                latent_dim=config.LATENT_DIM, upsampling=args.upsampling, ndf=args.ndf, kd=args.kd, strd=args.strd)
+    return dict(arch=args.arch, ngf=args.ngf, kg=args.kg, strg=args.strg, padg=args.padg, opg=args.opg,
+                latent_dim=config.LATENT_DIM, upsampling=args.upsampling, ndf=args.ndf, kd=args.kd, strd=args.strd,
+                label_scale=args.label_scale)
+
+
+# model_args keys that define the generator (the release bundle keeps these and no more)
+GENERATOR_ARGS = ("arch", "ngf", "kg", "strg", "padg", "opg", "latent_dim", "upsampling", "label_scale")
+
+
+def dcgan_widths(ngf):
+    """The dcgan generator's widths at 6, 12, 24, 48 and 96 pixels (ngf 8: 96, 48, 24, 12, 8)."""
+    return (12 * ngf, 6 * ngf, 3 * ngf, max(1, 3 * ngf // 2), ngf)
+
+
+def build_generator(margs):
+    """The generator of model_args (arch "paper", the default of checkpoints older than the flag, or "dcgan")."""
+    if margs.get("arch", "paper") == "dcgan":
+        return DCGANGenerator(dcgan_widths(margs["ngf"]), margs["latent_dim"])
+    try:
+        return Generator(margs["ngf"], margs["kg"], margs["strg"], margs["padg"], margs["opg"], margs["latent_dim"],
+                         margs["upsampling"])
+    except ValueError as err:
+        raise PipelineError(f"generator flags --ngf/--kg/--strg/--padg/--opg: {err}") from None
 
 
 def build_networks(margs):
-    """(Generator, Discriminator) from model_args; sizes that cannot make 96 x 96 are a PipelineError."""
-    try:
-        g = Generator(margs["ngf"], margs["kg"], margs["strg"], margs["padg"], margs["opg"], margs["latent_dim"],
-                      margs["upsampling"])
-    except ValueError as err:
-        raise PipelineError(f"generator flags --ngf/--kg/--strg/--padg/--opg: {err}") from None
+    """(generator, critic) from model_args; sizes that cannot make 96 x 96 are a PipelineError."""
+    if margs.get("arch", "paper") == "dcgan":
+        return build_generator(margs), DCGANCritic(margs["ndf"])
+    g = build_generator(margs)
     try:
         d = Discriminator(margs["ndf"], margs["kd"], margs["strd"])
     except ValueError as err:
@@ -199,16 +224,54 @@ def critic_without_privacy_hooks(critic):
             critic.enable_hooks()
 
 
+def critic_loss_terms(scores, real, loss):
+    """Per-sample critic loss of scores of real (real=True) or generated samples; the critic's loss is their mean
+    over both halves. wgan: -D(x) / D(G(z)) (the paper); hinge: relu(1 - D(x)) / relu(1 + D(G(z)));
+    ns (non-saturating, the standard GAN loss on logits): softplus(-D(x)) / softplus(D(G(z)))."""
+    if loss == "wgan":
+        return -scores if real else scores
+    if loss == "hinge":
+        return F.relu(1 - scores) if real else F.relu(1 + scores)
+    if loss == "ns":
+        return F.softplus(-scores) if real else F.softplus(scores)
+    raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+
+
+def generator_loss(scores, loss):
+    """-mean D(G(z)) (wgan, hinge) or mean softplus(-D(G(z))) (ns)."""
+    return F.softplus(-scores).mean() if loss == "ns" else -scores.mean()
+
+
+def diff_augment(x, shift=DIFF_AUGMENT_SHIFT):
+    """DiffAugment (Zhao et al. 2020) for pairs: per sample, random flips of both axes and a translation of up to
+    `shift` pixels with reflected borders, the same for image and label; differentiable, so the generator learns
+    through it. Applied alike to real and generated pairs before the critic, it keeps a small critic from
+    memorising the few patches it sees; under DP it is part of each sample's own term (clipped with it)."""
+    n, size = len(x), x.shape[-1]
+    if n == 0:
+        return x
+    flip = torch.rand(n, 2, device=x.device) < 0.5
+    x = torch.where(flip[:, 0, None, None, None], x.flip(3), x)
+    x = torch.where(flip[:, 1, None, None, None], x.flip(2), x)
+    padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+    offsets = torch.randint(0, 2 * shift + 1, (2, n), device=x.device)
+    rows = (torch.arange(size, device=x.device)[None] + offsets[0, :, None])[:, None, :, None]
+    cols = (torch.arange(size, device=x.device)[None] + offsets[1, :, None])[:, None, None, :]
+    padded = padded.gather(2, rows.expand(n, x.shape[1], size, padded.shape[3]))
+    return padded.gather(3, cols.expand(n, x.shape[1], size, size))
+
+
 def clamp_critic_weights(critic, clip_param_w):
-    """WGAN weight clipping after every critic iteration."""
+    """WGAN weight clipping after every critic iteration (None: no clipping, for the other losses)."""
+    if clip_param_w is None:
+        return
     with torch.no_grad():
         for p in critic.parameters():
             p.clamp_(-clip_param_w, clip_param_w)
 
 
-def _dp_backward(critic, optimizer, batch, sign):
-    """Per-sample gradients of sign_i * D(x_i) into the DP optimizer (sign: a number or one per sample); returns
-    the detached scores.
+def _dp_backward(critic, optimizer, batch, per_sample_loss):
+    """Per-sample gradients of per_sample_loss(D(x))_i into the DP optimizer; returns the detached scores.
 
     An empty Poisson batch is still one release (of pure noise): its per-sample gradients are set to an
     empty stack without a forward pass, which Opacus's clip_and_accumulate sums to zero.
@@ -223,19 +286,22 @@ def _dp_backward(critic, optimizer, batch, sign):
     scores = critic(batch)
     if isinstance(critic, GradSampleModuleFastGradientClipping):
         # Ghost clipping: per-sample norms in a first backward pass, the clipped sum in a second one.
-        DPTensorFastGradientClipping(critic, optimizer, sign * scores, "mean").backward()
+        DPTensorFastGradientClipping(critic, optimizer, per_sample_loss(scores), "mean").backward()
     else:
-        (sign * scores).mean().backward()
+        per_sample_loss(scores).mean().backward()
     return scores.detach()
 
 
-def private_critic_step(critic, optimizer, real, fake, clip_param_w, patches_per_patient=None):
+def private_critic_step(critic, optimizer, real, fake, clip_param_w, loss="wgan", augment=None,
+                        patches_per_patient=None):
     """One strict DP-WGAN critic iteration on a fresh Poisson batch `real` and a generated batch `fake`.
 
-    Update direction = (sum_i clip_C(grad -D(real_i)) + sum_j clip_C(grad D(fake_j)) + N(0, (noisem C)^2 I)) / B,
-    B = the expected batch size (optimizer.expected_batch_size, which is also the fake batch's size): without
-    clipping and noise, the gradient of the WGAN critic loss mean D(fake) - mean D(real). One backward pass, one
-    noise draw, one accountant step at q = B / N. Then the optimizer steps and the weights are clamped.
+    Update direction = (sum_i clip_C(grad l_real(real_i)) + sum_j clip_C(grad l_fake(fake_j)) + N(0, (noisem C)^2 I))
+    / B, l the per-sample loss terms (critic_loss_terms; wgan: -D(real_i), D(fake_j)), B = the expected batch
+    size (optimizer.expected_batch_size, which is also the fake batch's size): without clipping and noise, the
+    gradient of the critic loss (wgan: mean D(fake) - mean D(real)). One backward pass, one noise draw, one
+    accountant step at q = B / N. Then the optimizer steps and the weights are clamped (wgan). `augment`, if
+    given, transforms every sample before the critic (diff_augment).
 
     Patient-level privacy (patches_per_patient = k): `real` holds k consecutive patches of each sampled patient;
     their per-sample gradients are averaged into one per-patient gradient before Opacus clips it, so each term
@@ -245,8 +311,9 @@ def private_critic_step(critic, optimizer, real, fake, clip_param_w, patches_per
     Returns the detached (real, fake) scores and the step's diagnostics (dp_diagnostics).
     """
     optimizer.zero_grad()
-    sign = torch.cat([-torch.ones(len(real), device=fake.device), torch.ones(len(fake), device=fake.device)])
-    scores = _dp_backward(critic, optimizer, torch.cat([real, fake]), sign)
+    n_real, both = len(real), torch.cat([real, fake])
+    scores = _dp_backward(critic, optimizer, augment(both) if augment else both, lambda s: torch.cat(
+        [critic_loss_terms(s[:n_real], True, loss), critic_loss_terms(s[n_real:], False, loss)]))
     if patches_per_patient is not None:
         average_real_gradients_by_patient(optimizer, len(real), patches_per_patient)
     if not optimizer.pre_step():  # clip, add noise, divide by B, accountant step
@@ -288,36 +355,58 @@ def paper_critic_step(critic, optimizer, real, fake, clip_param_w):
     """One critic iteration of the authors' loop: a DP step on -D(real), then a DP step on D(fake), both
     accounted as subsampled Gaussian steps (the paper's count; see utils.privacy for the valid one)."""
     optimizer.zero_grad()
-    real_scores = _dp_backward(critic, optimizer, real, sign=-1)
+    real_scores = _dp_backward(critic, optimizer, real, lambda s: -s)
     optimizer.step()
     diagnostics = dp_diagnostics(critic, optimizer)
     optimizer.zero_grad()
-    fake_scores = _dp_backward(critic, optimizer, fake, sign=1)
+    fake_scores = _dp_backward(critic, optimizer, fake, lambda s: s)
     optimizer.step()
     clamp_critic_weights(critic, clip_param_w)
     return real_scores, fake_scores, diagnostics
 
 
-def plain_critic_step(critic, optimizer, real, fake, clip_param_w):
-    """Non-private critic iteration: loss mean D(fake) - mean D(real), one RMSprop step, clamp."""
+def plain_critic_step(critic, optimizer, real, fake, clip_param_w, loss="wgan", augment=None):
+    """Non-private critic iteration: the mean of critic_loss_terms over the real and over the fake half (wgan:
+    mean D(fake) - mean D(real)), one optimizer step, clamp (wgan)."""
     optimizer.zero_grad()
-    fake_scores = critic(fake)
-    real_scores = critic(real) if len(real) else real.new_zeros(0)
-    loss = fake_scores.mean() - (real_scores.mean() if len(real) else 0.0)
-    loss.backward()
+    augment = augment or (lambda x: x)
+    fake_scores = critic(augment(fake))
+    real_scores = critic(augment(real)) if len(real) else real.new_zeros(0)
+    total = critic_loss_terms(fake_scores, False, loss).mean()
+    if len(real):
+        total = total + critic_loss_terms(real_scores, True, loss).mean()
+    total.backward()
     optimizer.step()
     clamp_critic_weights(critic, clip_param_w)
     return real_scores.detach(), fake_scores.detach(), None
 
 
-def generator_step(generator, critic, optimizer, batch_size, device):
-    """loss_G = -mean D(G(z)); only the generator's parameters receive gradients (post-processing: the
-    critic's hooks are off and its .grad is left untouched). Returns the detached scores D(G(z))."""
+def make_optimizer(parameters, name, lr, beta1):
+    """RMSprop (the paper's) or Adam with the GAN betas (beta1, 0.999)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=(beta1, 0.999))
+    return torch.optim.RMSprop(parameters, lr=lr)
+
+
+def update_ema(average, model, decay):
+    """average <- decay average + (1 - decay) model for the weights; buffers (BatchNorm statistics) copied.
+    Post-processing of the generator, which never sees real data: free under DP."""
+    with torch.no_grad():
+        for a, p in zip(average.parameters(), model.parameters()):
+            a.lerp_(p, 1 - decay)
+        for a, b in zip(average.buffers(), model.buffers()):
+            a.copy_(b)
+
+
+def generator_step(generator, critic, optimizer, batch_size, device, loss="wgan", augment=None):
+    """loss_G = generator_loss(D(G(z))) (wgan: -mean D(G(z))); only the generator's parameters receive gradients
+    (post-processing: the critic's hooks are off and its .grad is left untouched). Returns the detached scores."""
     z = torch.randn(batch_size, generator.latent_dim, device=device)
     with critic_without_privacy_hooks(critic) as bare:
-        scores = bare(generator(z))
+        fake = generator(z)
+        scores = bare(augment(fake) if augment else fake)
         optimizer.zero_grad()
-        (-scores.mean()).backward(inputs=list(generator.parameters()))
+        generator_loss(scores, loss).backward(inputs=list(generator.parameters()))
     optimizer.step()
     return scores.detach()
 
@@ -369,7 +458,7 @@ class GanTrial:
     def __init__(self, args):
         self.args = args
         self.validate_flags(args)
-        self.data, patients = load_real_pairs()
+        self.data, patients = load_real_pairs(args.label_scale)
         self.n_samples = len(self.data)
         self.patient_group = largest_patient_group(patients)
         # The privacy unit: patches, or patients (each sampled patient gives k patches per critic iteration).
@@ -400,21 +489,24 @@ class GanTrial:
                                        generator=torch.Generator().manual_seed(args.seed + 1)).to(self.device)
         self.generator.to(self.device)
         self.critic.to(self.device)
-        self.opt_g = torch.optim.RMSprop(self.generator.parameters(), lr=args.lrg)
-        opt_d = torch.optim.RMSprop(self.critic.parameters(), lr=args.lrd)
+        self.generator_ema = copy.deepcopy(self.generator) if args.ema > 0 else None
+        self.opt_g = make_optimizer(self.generator.parameters(), args.optimizer, args.lrg, args.beta1)
+        opt_d = make_optimizer(self.critic.parameters(), args.optimizer, args.lrd, args.beta1)
+        # The loss and the augmentation go into every critic and generator step; WGAN alone clips weights.
+        self.step_options = dict(loss=args.loss, augment=diff_augment if args.diffaugment else None)
+        self.weight_clip = args.clip_param_W if args.loss == "wgan" else None
         checkpoint = self._load_checkpoint(opt_d) if args.resume else None
         if self.private:
             self.d, self.opt_d, self.engine, sampler = make_private_critic(
                 self.critic, opt_d, self.n_units, self.batch_units, args.noisem, args.max_norm_dp,
                 args.grad_sample_mode, self.sampler_generator, self.noise_generator)
-            self.critic_step_fn = private_critic_step if args.dp_mode == "strict" else paper_critic_step
-            if self.patches_of:
-                self.critic_step_fn = functools.partial(private_critic_step,
-                                                        patches_per_patient=args.patches_per_patient_step)
+            self.critic_step_fn = paper_critic_step if args.dp_mode == "paper" else functools.partial(
+                private_critic_step, **self.step_options,
+                patches_per_patient=args.patches_per_patient_step if self.patches_of else None)
         else:
             self.d, self.opt_d, self.engine = self.critic, opt_d, None
             sampler = poisson_sampler(self.n_units, self.batch_units, self.sampler_generator)
-            self.critic_step_fn = plain_critic_step
+            self.critic_step_fn = functools.partial(plain_critic_step, **self.step_options)
         if checkpoint is not None:
             if self.private:
                 self.engine.accountant.history = [tuple(h) for h in checkpoint["accountant"]["history"]]
@@ -431,6 +523,12 @@ class GanTrial:
                   (args.clip_param_W > 0, f"--clip_param_W {args.clip_param_W}: the WGAN weight clip must be > 0"),
                   (args.lrd > 0 and args.lrg > 0, f"--lrd {args.lrd} --lrg {args.lrg}: learning rates must be > 0"),
                   (args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1"),
+                  (0 <= args.ema < 1, f"--ema {args.ema}: the EMA decay must lie in [0, 1) (0: off)"),
+                  (args.loss in LOSSES, f"--loss {args.loss!r}: choose one of {', '.join(LOSSES)}"),
+                  (args.optimizer in OPTIMIZERS,
+                   f"--optimizer {args.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
+                  (args.dp_mode != "paper" or (args.loss == "wgan" and not args.diffaugment),
+                   "--dp_mode paper is the authors' loop: it needs --loss wgan and no --diffaugment"),
                   (args.grad_sample_mode in GRAD_SAMPLE_MODES,
                    f"--grad_sample_mode {args.grad_sample_mode!r}: choose one of {', '.join(GRAD_SAMPLE_MODES)}")]
         for ok, message in checks:
@@ -489,6 +587,8 @@ class GanTrial:
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the networks' device.
         checkpoint = load_checkpoint(checkpoint_path(self.args.trial, self.start_epoch - 1))
         self.generator.load_state_dict(checkpoint["generator"])
+        if self.generator_ema is not None:
+            self.generator_ema.load_state_dict(checkpoint["generator_ema"])
         self.critic.load_state_dict(checkpoint["discriminator"])
         self.opt_g.load_state_dict(checkpoint["opt_g"])
         opt_d.load_state_dict(checkpoint["opt_d"])
@@ -522,8 +622,7 @@ class GanTrial:
         self.diagnostics = []
 
     def critic_step(self, real, fake):
-        real_scores, fake_scores, diagnostics = self.critic_step_fn(self.d, self.opt_d, real, fake,
-                                                                    self.args.clip_param_W)
+        real_scores, fake_scores, diagnostics = self.critic_step_fn(self.d, self.opt_d, real, fake, self.weight_clip)
         if diagnostics is not None:
             self.diagnostics.append(diagnostics)
         self._check_finite("critic loss", torch.cat([real_scores, fake_scores]))
@@ -533,7 +632,10 @@ class GanTrial:
         self.sums["n_fake"] += len(fake_scores)
 
     def generator_step(self):
-        scores = generator_step(self.generator, self.d, self.opt_g, self.args.batch_size, self.device)
+        scores = generator_step(self.generator, self.d, self.opt_g, self.batch_units, self.device,
+                                **self.step_options)
+        if self.generator_ema is not None:
+            update_ema(self.generator_ema, self.generator, self.args.ema)
         self._check_finite("generator loss", scores)
         self.sums["loss_g"] += -scores.mean().item()
         self.sums["n_g"] += 1
@@ -604,6 +706,7 @@ class GanTrial:
                "epsilon_valid_prv": epsilon_prv, "steps": self.accounted_steps(), "seconds": time.time() - self.started}
         save_torch(checkpoint_path(self.args.trial, epoch), {
             "epoch": epoch, "generator": self.generator.state_dict(), "discriminator": self.critic.state_dict(),
+            "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "accountant": {"history": list(self.engine.accountant.history) if self.private else [],
                            "generator_updates": self.generator_updates, "sample_rate": self.sample_rate,
@@ -614,7 +717,9 @@ class GanTrial:
         plot_losses(self.results_dir / "losses.png", self.log_rows)
         plot_epsilon(self.results_dir / "epsilon.png", self.log_rows, self.args.dp_mode)
         with torch.no_grad():
-            samples = self.generator(self.fixed_noise).cpu().numpy()
+            shown = (self.generator_ema or self.generator).eval()
+            samples = shown(self.fixed_noise).cpu().numpy()
+            shown.train()
         plot_samples(self.results_dir / f"samples_epoch_{epoch}.png", samples, epoch)
         counted = "" if self.args.dp_mode == "strict" else f" (the paper's count, not a valid bound: {epsilon:.4g})"
         print(f"epoch {epoch}/{self.args.epochs - 1} | internal, not covered by epsilon: loss_d {row['loss_d']:.5f} "

@@ -19,10 +19,9 @@ from pathlib import Path
 import config
 from utils import privacy
 from utils.common import PipelineError, refuse_existing, save_json, save_npz, save_torch, versions
-from utils.gan import checkpoint_path, describe_group_privacy, load_checkpoint
+from utils.gan import GENERATOR_ARGS, checkpoint_path, describe_group_privacy, load_checkpoint
 
 RELEASE_FILES = ("synthetic.npz", "generator.pt", "privacy.json", "README.txt")
-GENERATOR_ARGS = ("ngf", "kg", "strg", "padg", "opg", "latent_dim", "upsampling")
 PAPER_COUNT_KEY = "epsilon_paper_count_NOT_a_valid_bound"
 
 
@@ -155,7 +154,8 @@ def write_release(set_name, img, label, generator, model_args, statement, trial,
         save_npz(staging / "synthetic.npz", img=img, label=label)
         save_torch(staging / "generator.pt", {"state_dict": {k: v.detach().cpu() for k, v in
                                                              generator.state_dict().items()},
-                                              "model_args": {k: model_args[k] for k in GENERATOR_ARGS}})
+                                              "model_args": {k: model_args[k] for k in GENERATOR_ARGS
+                                                             if k in model_args}})
         save_json(staging / "privacy.json", statement)
         (staging / "README.txt").write_text(readme_text(set_name, statement, trial))
         staging.chmod(0o755)

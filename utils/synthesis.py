@@ -4,7 +4,12 @@ The label threshold compares the generator's RAW label output (tanh, in [-1, 1])
 label = 1 where output > thresh, else 0. The critic only ever saw real label channels of 0 and 1 (they
 are not rescaled to [-1, 1], see the contract's GAN input pair), so the generator learns to put background
 near 0 and vessels near 1, and `thresh` lives on that 0/1 label scale, as in the authors' code
-(`--thresh 0.8`: vessel where the output is above 0.8). It must therefore lie in [0, 1).
+(`--thresh 0.8`: vessel where the output is above 0.8). It must therefore lie in [0, 1). A generator trained
+with --label_scale pm1 saw real labels of -1 and 1; its raw output is compared with 2 thresh - 1, the same
+point of that scale (label_threshold).
+
+A checkpoint with an EMA of the generator's weights (run_gan.py --ema) is sampled with the EMA weights:
+averaging is post-processing of the DP outputs and usually gives cleaner samples.
 
 The image channel is min-max scaled per patch to [0, 255], the U-Net's input scale.
 
@@ -23,7 +28,6 @@ import torch
 from tqdm import tqdm
 
 import config
-from model import Generator
 from utils import release
 from utils.common import (
     PipelineError,
@@ -40,7 +44,7 @@ from utils.common import (
     synthetic_name,
     synthetic_path,
 )
-from utils.gan import checkpoint_path
+from utils.gan import build_generator, checkpoint_path
 
 BEST_EPOCH = 9999  # --epoch 9999: the epoch of minimum generator loss after the skipped ones
 SHAPE_FLAGS = ("ngf", "kg", "strg", "padg", "opg", "upsampling")  # generate_samples.py flags = model_args keys
@@ -114,7 +118,7 @@ def load_generator(trial, epoch, flags):
         # weights_only=False: our own checkpoint, which also holds RNG states and the privacy accountant.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         model_args = dict(checkpoint["model_args"])
-        state = checkpoint["generator"]
+        state = checkpoint.get("generator_ema") or checkpoint["generator"]
     except (KeyError, TypeError) as err:
         raise PipelineError(f"checkpoint {path} lacks {err} (expected keys 'generator' and 'model_args')") from None
     except Exception as err:  # torch raises many types for a damaged file
@@ -124,13 +128,17 @@ def load_generator(trial, epoch, flags):
         if given is not None and given != model_args.get(name):
             raise PipelineError(f"--{name} {given} contradicts the checkpoint {path}, which has {name}="
                                 f"{model_args.get(name)}; leave --{name} out to use the checkpoint's value")
-    generator_args = {k: model_args[k] for k in ("ngf", "kg", "strg", "padg", "opg", "latent_dim", "upsampling")}
-    generator = Generator(**generator_args)
+    generator = build_generator(model_args)
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
         raise PipelineError(f"checkpoint {path}: the generator does not match its model_args: {err}") from None
     return generator.eval(), model_args
+
+
+def label_threshold(thresh, label_scale):
+    """The threshold on the generator's raw label output for `thresh` on the 0/1 label scale."""
+    return thresh if label_scale == "01" else 2 * thresh - 1
 
 
 def to_pairs(output, thresh):
@@ -227,7 +235,8 @@ def generate_samples(args):
     print(f"trial {args.trial}, epoch {epoch}" + (f" (min loss_g after skipping {nr_e_skipped})"
           if args.epoch == BEST_EPOCH else "") + f", {n_samples} pairs, thresh {args.thresh}, device {device}",
           flush=True)
-    img, label = generate(generator, n_samples, args.thresh, args.seed, device)
+    raw_threshold = label_threshold(args.thresh, model_args.get("label_scale", "01"))
+    img, label = generate(generator, n_samples, raw_threshold, args.seed, device)
     run_args = trial_config.get("args", {})
     number = release.json_number
     info = {"trial": args.trial, "epoch_requested": args.epoch, "epoch": epoch, "thresh": args.thresh,
@@ -235,7 +244,9 @@ def generate_samples(args):
             "epsilon_valid": number(trial_privacy["epsilon_valid"]),
             "epsilon_valid_prv": number(trial_privacy["epsilon_valid_prv"]), "selection": selection,
             "noisem": number(run_args.get("noisem")), "dp_mode": run_args.get("dp_mode"), "seed": args.seed,
-            "model_args": model_args, "label_rule": "label = generator label output (tanh) > thresh"}
+            "model_args": model_args,
+            "label_rule": f"label = generator label output > {raw_threshold:g} (thresh {args.thresh} on the "
+                          f"0/1 label scale)"}
     save_npz(out, img=img, label=label)
     save_json(out.with_suffix(".json"), info)
     save_grid(out.with_suffix(".png"), img, label, f"{out.stem} ({epsilon_caption(info)})")
