@@ -47,7 +47,8 @@ def test_a_memorising_set_is_found_with_auc_near_one_per_patch_and_per_patient(g
     assert result["mia_tpr_at_1pct_fpr"] >= 0.99
     assert result["verdict"].startswith("membership leaks")
     assert result["critic_auc"].startswith("not computed")
-    assert set(curves) == {"black box (calibrated nearest neighbour)", "control (held-out vs held-out)"}
+    assert set(curves) == {"black box (calibrated nearest neighbour)",
+                           "control (held-out patients vs held-out patients)"}
 
 
 def test_a_copy_of_half_the_members_scores_about_three_quarters(groups):
@@ -65,6 +66,16 @@ def test_a_set_of_unseen_patients_and_the_control_are_at_chance(groups):
     assert abs(result["mia_auc"] - 0.5) < 0.08
     assert result["control_ok"] and abs(result["control_auc"] - 0.5) < 0.1
     assert result["verdict"].startswith("no membership signal")
+
+
+def test_a_control_between_patients_that_differ_fails_and_says_so(groups):
+    members, held_out, unseen = groups
+    odd = {k: v.copy() for k, v in held_out.items()}
+    h0_h2 = np.isin(odd["patient"], ["h0", "h2"])  # one control group: patients imaged otherwise (no vessels)
+    odd["label"][h0_h2] = 0
+    odd["img"][h0_h2] = np.random.default_rng(8).normal(100, 20, odd["img"][h0_h2].shape)
+    result, _ = audit.membership_audit(unseen, members, odd, seed=0)
+    assert not result["control_ok"] and result["verdict"].startswith("CONTROL FAILED")
 
 
 def test_white_box_critic_scores_are_used_when_given(groups):

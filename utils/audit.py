@@ -16,9 +16,10 @@ except those of one held-out patient: its own patient for a non-member (adjacent
 a randomly drawn one for a member, so that members and non-members are compared with references of equal size.
 
 Members: training patches. Non-members: as many patches, drawn the same way (extract_patches.py), of the
-held-out patients (val and test). Control: the same attack on two halves of the non-members (every held-out
-patient split in two at random): no membership signal, so its AUC must be near 0.5; if its CI excludes 0.5 the
-audit measures something other than membership and says so. Figures: ROC AUC with a bootstrap CI, TPR at 1%
+held-out patients (val and test). Control: the same attack on the non-members split by patient into two groups
+(alternate held-out patients): no membership signal, but the same kind of difference between patients that
+separates members from non-members, so its AUC must be near 0.5; if its CI excludes 0.5 the audit measures
+something other than membership (patients that differ) and says so. Figures: ROC AUC with a bootstrap CI, TPR at 1%
 and 0.1% FPR (Carlini et al. 2022: an attack that finds a few members with certainty matters more than the
 average), and the patient-level AUC (a patient's score = the mean of his patches' scores).
 """
@@ -39,7 +40,7 @@ AUDIT_FIGURES = {
     "mia_tpr_at_1pct_fpr": "membership inference TPR at 1% FPR",
     "mia_tpr_at_0.1pct_fpr": "membership inference TPR at 0.1% FPR",
     "patient_auc": "membership inference AUC per patient",
-    "control_auc": "membership inference control AUC (held-out vs held-out; must be near 0.5)",
+    "control_auc": "membership inference control AUC (held-out patients vs held-out patients; must be near 0.5)",
     "critic_auc": "membership inference AUC with the critic (white box; internal)",
     "verdict": "membership inference verdict",
 }
@@ -169,11 +170,9 @@ def membership_audit(synthetic, members, held_out, seed=None, critic_score=None)
     member_scores = attack_scores(member_feats, member_patients, synth, reference, held_patients, rng)
     non_scores = attack_scores(reference[non_index], held_patients[non_index], synth, reference, held_patients, rng)
 
-    # control: the non-members split in two halves, every held-out patient's patches halved at random
-    halves = np.zeros(len(non_index), bool)
-    for p in np.unique(held_patients[non_index]):
-        own = np.flatnonzero(held_patients[non_index] == p)
-        halves[rng.permutation(own)[: len(own) // 2]] = True
+    # control: the non-members split by patient, alternate held-out patients in each group
+    held_ids = np.unique(held_patients)
+    halves = np.isin(held_patients[non_index], held_ids[::2])
     control = summarise_attack(non_scores[halves], non_scores[~halves], seed + 1)
 
     member_patient_scores, member_ids = patient_means(member_scores, member_patients)
@@ -192,7 +191,8 @@ def membership_audit(synthetic, members, held_out, seed=None, critic_score=None)
         "control_ok": control["auc_ci95"][0] <= 0.5 <= control["auc_ci95"][1],
     }
     curves = {"black box (calibrated nearest neighbour)": roc_curve(member_scores, non_scores),
-              "control (held-out vs held-out)": roc_curve(non_scores[halves], non_scores[~halves])}
+              "control (held-out patients vs held-out patients)": roc_curve(non_scores[halves],
+                                                                             non_scores[~halves])}
     if critic_score is not None:
         member_critic = critic_score(members["img"][member_index], members["label"][member_index])
         non_critic = critic_score(held_out["img"][non_index], held_out["label"][non_index])
