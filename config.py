@@ -103,6 +103,13 @@ FID_N_IMAGES = None  # images per set for FID (seeded random subset); None: all,
 FID_WEIGHTS = None  # None: pytorch-fid's usual file in torch's hub cache (see README)
 EVAL_SEED = 3
 
+# ---- The grid on a cluster (sweep.py; submitit) ----
+SWEEP_PARTITION = None  # None: the cluster's default partition
+SWEEP_GPUS_PER_JOB = 1
+SWEEP_CPUS_PER_JOB = 8
+SWEEP_MEM_GB = 32
+SWEEP_TIME_MIN = 24 * 60  # a job past this is requeued and resumes from its last checkpoint
+
 # ---- Privacy audit (step 6) ----
 AUDIT_MAX_QUERIES = 2000  # members and as many non-members per audit (distances cost queries x synthetic pairs)
 

@@ -59,3 +59,24 @@ def test_broken_result_file_is_named(dirs):
     (work / "results" / "x_results.json").write_text("{not json")
     with pytest.raises(PipelineError, match="x_results.json"):
         compare_results.main.__wrapped__([])
+
+
+def test_seeds_are_aggregated_per_noise_multiplier_with_the_best_run_by_val_dsc(dirs, capsys):
+    _, work, _ = dirs
+    results = work / "results"
+    for seed, dsc, val in ((1, 0.70, 0.5), (2, 0.80, 0.9), (3, 0.90, 0.1)):
+        write_result(results, f"DP_noise1_seed{seed}_49_0.8", 5.0, dsc, noise_multiplier=1.0, dp_mode="strict",
+                     val_dsc={"mean": val, "sd": 0.0})
+    write_result(results, "DP_noiseinf_seed1_49_0.8", "inf", 0.85, noise_multiplier="inf", dp_mode="strict",
+                 val_dsc={"mean": 0.8, "sd": 0.0})
+    write_result(results, "real", "real data", 0.89)
+    compare_results.main([])
+    with open(results / "summary_by_noise.csv") as f:
+        table = {row["noise_multiplier"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"1.0", "inf"}
+    one = table["1.0"]
+    assert one["runs"] == "3" and float(one["test_dsc_mean"]) == pytest.approx(0.8)
+    assert float(one["test_dsc_sd"]) == pytest.approx(0.1)
+    assert one["best_run"] == "DP_noise1_seed2_49_0.8"  # highest val DSC, not highest test DSC
+    assert table["inf"]["epsilon_valid_mean"] == "inf"
+    assert "mean (SD) over seeds per noise multiplier" in capsys.readouterr().out

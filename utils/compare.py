@@ -96,42 +96,124 @@ def format_table(rows):
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def plot_against_epsilon(rows, path):
-    """The paper's figures: DSC, bAHD, FID (train, test) and SSIM against epsilon (non-private at the right)."""
+# The paper's numbers (Kossen et al. 2022, Table 1 and Figure 6; real patients, not these phantoms), by the
+# epsilon the paper reported (its count, not a valid bound): the non-private one is drawn beside ours.
+PAPER_VALUES = {"test_dsc": {"inf": 0.84, "7.4": 0.75, "real": 0.89}, "test2_dsc": {"inf": 0.88, "7.4": 0.69,
+                                                                                    "real": 0.90},
+                "test_bahd": {"inf": 0.61, "7.4": 2.49, "real": 0.33}, "test2_bahd": {"inf": 0.58, "7.4": 2.87,
+                                                                                      "real": 0.69},
+                "fid_train": {"inf": 62.0, "5.7": 244.0, "10.2": 228.0}}
+AGGREGATED = ("epsilon_valid", "test_dsc", "test2_dsc", "test_bahd", "test2_bahd", "fid_train", "fid_test",
+              "fid_difference", "ssim_generated", "mia_auc")
+
+
+def aggregate_by_noise(rows):
+    """Mean and SD over seeds per (noise multiplier, DP mode) of the synthetic sets, and the best run of each (the
+    highest mean val DSC: chosen without looking at the test sets). Rows of real data are left out."""
+    groups = {}
+    for r in rows:
+        if number(r["noise_multiplier"]) is not None:
+            groups.setdefault((number(r["noise_multiplier"]), r["dp_mode"]), []).append(r)
+    out = []
+    for (noise, mode), members in sorted(groups.items(), key=lambda kv: (-kv[0][0], str(kv[0][1]))):
+        row = {"noise_multiplier": noise, "dp_mode": mode, "runs": len(members)}
+        for key in AGGREGATED:
+            values = [number(r[key]) for r in members if number(r[key]) is not None]
+            finite = [v for v in values if not math.isinf(v)]
+            if values and len(finite) < len(values):
+                row[f"{key}_mean"], row[f"{key}_sd"] = math.inf, 0.0
+            elif finite:
+                mean = sum(finite) / len(finite)
+                row[f"{key}_mean"] = mean
+                row[f"{key}_sd"] = math.sqrt(sum((v - mean) ** 2 for v in finite) / max(len(finite) - 1, 1))
+            else:
+                row[f"{key}_mean"] = row[f"{key}_sd"] = None
+        best = max(members, key=lambda r: number(r["val_dsc"]) if number(r["val_dsc"]) is not None else -1)
+        row.update(best_run=best["training_input"], best_test_dsc=number(best["test_dsc"]),
+                   best_test2_dsc=number(best["test2_dsc"]))
+        out.append(row)
+    return out
+
+
+def write_aggregate_csv(rows, path):
+    columns = ["noise_multiplier", "dp_mode", "runs", *[f"{k}_{s}" for k in AGGREGATED for s in ("mean", "sd")],
+               "best_run", "best_test_dsc", "best_test2_dsc"]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
+
+
+def format_aggregate(rows):
+    def ms(r, key, fmt):
+        mean, sd = r[f"{key}_mean"], r[f"{key}_sd"]
+        if mean is None:
+            return "-"
+        return "inf" if math.isinf(mean) else f"{fmt.format(mean)} ({fmt.format(sd)})"
+
+    head = ["noise", "runs", "valid eps", "test DSC", "test2 DSC", "test bAHD", "MIA AUC", "best run (val)",
+            "its test DSC"]
+    cells = [head] + [[f"{r['noise_multiplier']:g}", str(r["runs"]), ms(r, "epsilon_valid", "{:.3g}"),
+                       ms(r, "test_dsc", "{:.3f}"), ms(r, "test2_dsc", "{:.3f}"), ms(r, "test_bahd", "{:.2f}"),
+                       ms(r, "mia_auc", "{:.3f}"), r["best_run"],
+                       "-" if r["best_test_dsc"] is None else f"{r['best_test_dsc']:.3f}"] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join(["mean (SD) over seeds per noise multiplier", lines[0], "  ".join("-" * w for w in widths),
+                      *lines[1:]])
+
+
+def plot_against_epsilon(rows, aggregate, path):
+    """The paper's figures over seeds: DSC, bAHD, FID (train, test) and SSIM, mean and SD per noise multiplier, on
+    a categorical epsilon axis (valid epsilon, non-private "inf" last); the real-data U-Net as a line; the paper's
+    values (real patients) as open symbols where it reports them. A panel without data says why."""
     import matplotlib.pyplot as plt
 
-    private = [r for r in rows if number(r["epsilon_valid"]) is not None]
-    finite = [number(r["epsilon_valid"]) for r in private if not math.isinf(number(r["epsilon_valid"]))]
-    inf_at = (max(finite) * 1.25 if finite else 1.0)
-
-    def x_of(r):
-        eps = number(r["epsilon_valid"])
-        return inf_at if math.isinf(eps) else eps
-
-    real = {r["training_input"]: r for r in rows if r["epsilon"] == "real data"}
+    ordered = sorted(aggregate, key=lambda r: (math.inf if r["epsilon_valid_mean"] is None else
+                                                r["epsilon_valid_mean"]))
+    labels = [("inf" if r["epsilon_valid_mean"] is None or math.isinf(r["epsilon_valid_mean"]) else
+               f"{r['epsilon_valid_mean']:.3g}") + f"\n(noise {r['noise_multiplier']:g})" for r in ordered]
+    real = [r for r in rows if r["epsilon"] == "real data"]
     panels = [("DSC", ["test_dsc", "test2_dsc"]), ("bAHD (mm)", ["test_bahd", "test2_bahd"]),
               ("FID", ["fid_train", "fid_test"]), ("SSIM", ["ssim_generated"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), layout="constrained")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), layout="constrained")
     for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            points = sorted((x_of(r), number(r[key])) for r in private if number(r[key]) is not None)
+        drawn = False
+        for k, key in enumerate(keys):
+            points = [(i, r[f"{key}_mean"], r[f"{key}_sd"]) for i, r in enumerate(ordered)
+                      if r[f"{key}_mean"] is not None]
             if points:
-                ax.plot(*zip(*points), "o-", label=key)
-            for name, r in real.items():
+                x, y, sd = zip(*points)
+                ax.errorbar([v + 0.08 * k for v in x], y, yerr=sd, fmt="o-", capsize=3, label=f"{key} (ours)")
+                drawn = True
+            for r in real:
                 if number(r[key]) is not None:
-                    ax.axhline(number(r[key]), ls="--", lw=1, color="grey", label=f"{key} ({name})")
-        ssim_real = next((number(r["ssim_real"]) for r in rows if number(r["ssim_real"]) is not None), None)
-        if title == "SSIM" and ssim_real is not None:
-            ax.axhline(ssim_real, ls=":", color="k", label="SSIM real images")
-        ax.set_title(title)
-        ax.set_xlabel("valid epsilon")
-        if any(math.isinf(number(r["epsilon_valid"])) for r in private):
-            ticks = [t for t in ax.get_xticks() if 0 <= t < inf_at * 0.9]
-            ax.set_xticks(ticks + [inf_at], [f"{t:g}" for t in ticks] + ["inf"])
-        if ax.has_data():
-            ax.legend(fontsize=7)
+                    ax.axhline(number(r[key]), ls="--", lw=1, color=f"C{k}", label=f"{key}: real-data U-Net")
+            paper = PAPER_VALUES.get(key, {})
+            # only the non-private point is comparable across data sets: our epsilons are not the paper's
+            paper_x = [(i, paper["inf"]) for i, label in enumerate(labels)
+                       if label.startswith("inf") and "inf" in paper]
+            if drawn and paper_x:
+                ax.plot(*zip(*paper_x), "s", mfc="none", color=f"C{k}", label=f"{key}: the paper (real patients)")
+        if title == "FID" and not drawn:
+            reason = next((str(r.get("fid_train")) for r in rows if isinstance(r.get("fid_train"), str)), "no data")
+            ax.text(0.5, 0.5, "FID not computed:\n" + reason.split(":", 1)[-1].strip()[:60], ha="center",
+                    va="center", wrap=True, transform=ax.transAxes, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        elif not drawn:
+            ax.text(0.5, 0.5, "no synthetic set has this metric", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
         else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.legend(fontsize=6)
+        ax.set_title(title)
+        ax.set_xlabel("valid epsilon (categorical)")
     return save_figure(path, fig)
 
 
@@ -140,5 +222,7 @@ def compare(folder=None):
     folder = Path(folder or results_dir())
     rows = collect(folder)
     write_csv(rows, folder / "summary.csv")
-    plot_against_epsilon(rows, folder / "summary_vs_epsilon.png")
-    return rows, format_table(rows)
+    aggregate = aggregate_by_noise(rows)
+    write_aggregate_csv(aggregate, folder / "summary_by_noise.csv")
+    plot_against_epsilon(rows, aggregate, folder / "summary_vs_epsilon.png")
+    return rows, format_table(rows) + ("\n\n" + format_aggregate(aggregate) if aggregate else "")

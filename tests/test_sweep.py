@@ -1,0 +1,97 @@
+"""sweep.py over utils/sweep.py: the grid through submitit's local executor (tiny preset), and the SLURM parameters."""
+
+import json
+import os
+import stat
+
+import pytest
+
+import extract_patches
+import make_phantoms
+import run_gan
+import sweep
+from utils import sweep as sweep_module
+from utils.common import gan_results_dir
+from utils.gan import checkpoint_path, load_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
+
+
+@pytest.fixture
+def phantoms(dirs, monkeypatch):
+    data, work, env = dirs
+    for key in ("DPGAN_PRESET", "DPGAN_DATA_DIR", "DPGAN_WORK_DIR"):
+        monkeypatch.setenv(key, env[key])
+    make_phantoms.main([])
+    extract_patches.main(["--split", "train"])
+    return work
+
+
+def test_grid_runs_to_the_summary_resumes_a_killed_trial_and_a_second_run_submits_nothing(phantoms, capsys):
+    # noise 2, seed 1 was killed after its first epoch: the job must resume it, not start again or count twice
+    run_gan.main(["--trial", "noise2_seed1", "--noisem", "2.0", "--seed", "1", "--epochs", "1"])
+    grid = ["--executor", "local", "--noisem", "inf", "2", "--seeds", "1", "2", "--epochs", "2", "--max_parallel", "2"]
+    rows = sweep.main(grid)
+    assert [r["state"] for r in rows] == ["done"] * 4, sweep_module.format_status(rows)
+    assert all(0 <= r["test_dsc"] <= 1 for r in rows)
+    assert [r["epsilon"] for r in rows][2] == rows[3]["epsilon"] > 0  # same noise, same accounting
+    steps = [sum(h[2] for h in load_checkpoint(checkpoint_path(f"noise2_seed{s}", 1))["accountant"]["history"])
+             for s in (1, 2)]
+    assert steps[0] == steps[1] > 0  # the resumed trial counted exactly what the uninterrupted one did
+    logged = [int(r["epoch"]) for r in _log(gan_results_dir("noise2_seed1"))]
+    assert logged == [0, 1]
+
+    capsys.readouterr()
+    sweep.main(grid)
+    out = capsys.readouterr().out
+    assert "0 job(s) submitted" in out and out.count(" done ") >= 4
+
+    import compare_results
+
+    compare_results.main([])
+    assert "mean (SD) over seeds per noise multiplier" in capsys.readouterr().out
+
+
+def _log(folder):
+    import csv
+
+    with open(folder / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_failing_job_is_reported_with_its_log_and_status_submits_nothing(phantoms, capsys):
+    rows = sweep.main(["--executor", "local", "--noisem", "0", "--seeds", "1", "--epochs", "1"])
+    assert rows[0]["state"] == "failed" and rows[0]["detail"].startswith("log: ")
+    log = rows[0]["detail"].removeprefix("log: ")
+    assert os.path.isfile(log) and "the noise multiplier must be > 0" in open(log).read()
+    registry = json.loads((phantoms / "sweep" / "jobs.json").read_text())
+    capsys.readouterr()
+    sweep.main(["--executor", "local", "--noisem", "0", "--seeds", "1", "--epochs", "1", "--status"])
+    assert "failed" in capsys.readouterr().out
+    assert json.loads((phantoms / "sweep" / "jobs.json").read_text()) == registry  # --status submitted nothing
+
+
+def test_slurm_executor_gets_the_partition_gpus_time_memory_and_array_parallelism(dirs, tmp_path, monkeypatch):
+    for tool in ("srun", "sbatch", "sacct", "scancel"):  # a cluster's commands, so that submitit builds its executor
+        path = tmp_path / "bin" / tool
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("#!/bin/sh\nexit 0\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    args, gan_flags = sweep.parse_args(["--partition", "gpu", "--time", "600", "--mem", "48", "--gpus_per_job", "1",
+                                        "--cpus_per_job", "6", "--max_parallel", "8", "--loss", "ns"])
+    assert args.executor == "slurm" and gan_flags == ["--loss", "ns"]  # unknown flags go to run_gan.py
+    executor = sweep_module.make_executor(args)
+    script = executor._executor._make_submission_file_text("python -m x", "%j")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --mem=48GB", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=6", "#SBATCH --signal=USR2@120"):
+        assert line in script, line
+    assert executor._executor.parameters.get("array_parallelism", 8) == 8
+    assert isinstance(sweep_module.SweepJob().checkpoint("t", 1.0, 1, 2, [], 0.8, {}).function,
+                      sweep_module.SweepJob)  # requeued with the same call, which resumes
+
+
+def test_bad_flags_are_refused(dirs, capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--executor", "cloud", "--noisem", "1", "--seeds", "1"])
+    assert "--executor 'cloud'" in capsys.readouterr().err
