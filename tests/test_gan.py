@@ -444,3 +444,21 @@ def test_dcgan_recipe_trains_resumes_and_synthesises_with_the_ema_generator(work
     info = json.loads(synthetic_path("t", 1, 0.8).with_suffix(".json").read_text())
     assert "label = generator label output > 0.6 " in info["label_rule"]  # 2 x 0.8 - 1 on the -1/1 scale
     assert info["model_args"]["arch"] == "dcgan"
+
+
+@pytest.mark.parametrize("mode", [m for m in gan.GRAD_SAMPLE_MODES if m != "hooks"])
+def test_every_engine_gives_the_reference_update_with_the_same_noise_draw(mode):
+    """The guarantee must not depend on the speed path: with one fixed noise draw, every per-sample gradient engine
+    gives the clipped, noised update of the reference engine (hooks) to float tolerance."""
+    d, _, data = tiny_critic()
+    real, fake = data[:5], data[8:16]
+    updates = []
+    for engine in ("hooks", mode):
+        critic = copy.deepcopy(d)
+        start = [p.detach().clone() for p in critic.parameters()]
+        opt = torch.optim.SGD(critic.parameters(), lr=1.0)
+        private, dp_opt, _, _ = gan.make_private_critic(critic, opt, len(data), 8, 1.3, 0.05, engine,
+                                                        noise_generator=torch.Generator().manual_seed(5))
+        gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss="ns")
+        updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)]))
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-5)
