@@ -2,13 +2,14 @@
 gradients, clipping, noise, accounting) against one non-private step (utils.gan.plain_critic_step) of the same
 critic on the same batch, for each Opacus per-sample gradient engine, in one process.
 
-    python benchmarks/bench_critic_step.py --ndf 16 --batch_size 32 --repeats 5
-    python benchmarks/bench_critic_step.py --ndf 96 --batch_size 32 --repeats 2 --modes hooks
+    python benchmarks/bench_critic_step.py                      # ndf 16 and 96, every mode; last line JSON
+    python benchmarks/bench_critic_step.py --ndf 96 --repeats 2 --modes hooks ghost
 DP and non-private steps alternate, so load from other processes affects both alike; medians are reported.
 """
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -52,9 +53,9 @@ def bench_mode(mode, critic, data, real, fake, args, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ndf", type=int, default=16)
+    p.add_argument("--ndf", type=int, nargs="+", default=[16, 96], help="critic widths (16: demo, 96: paper)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--modes", nargs="+", default=list(GRAD_SAMPLE_MODES), help=", ".join(GRAD_SAMPLE_MODES))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -62,21 +63,30 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-    critic = Discriminator(ndf=args.ndf).to(device)
-    data = torch.randn(4 * args.batch_size, 2, 96, 96)  # the private loader's data set: sets q = 1/4
-    real = data[:args.batch_size].to(device)
-    fake = torch.randn(args.batch_size, 2, 96, 96, device=device)
-    n_params = sum(p.numel() for p in critic.parameters())
-    print(f"critic ndf={args.ndf} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size}, device {device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} steps after one warm-up")
-    print(f"{'mode':<10} {'DP s':>9} {'non-private s':>14} {'ratio':>7}  note")
-    for mode in args.modes:
-        try:
-            dp, plain = bench_mode(mode, critic, data, real, fake, args, device)
-            print(f"{mode:<10} {dp:>9.4f} {plain:>14.4f} {dp / plain:>7.2f}", flush=True)
-        except Exception as err:  # report the engines that do not work here and go on with the others
-            print(f"{mode:<10} {'-':>9} {'-':>14} {'-':>7}  fails: {type(err).__name__}: {str(err)[:200]}", flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    ratios = {}
+    for ndf in args.ndf:
+        torch.manual_seed(0)
+        critic = Discriminator(ndf=ndf).to(device)
+        data = torch.randn(4 * args.batch_size, 2, 96, 96)  # the private loader's data set: sets q = 1/4
+        real = data[:args.batch_size].to(device)
+        fake = torch.randn(args.batch_size, 2, 96, 96, device=device)
+        n_params = sum(p.numel() for p in critic.parameters())
+        print(f"critic ndf={ndf} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size} real + "
+              f"{args.batch_size} fake, {name}, median of {args.repeats} steps after one warm-up")
+        print(f"{'mode':<10} {'DP s':>9} {'non-private s':>14} {'ratio':>7}  note")
+        for mode in args.modes:
+            try:
+                dp, plain = bench_mode(mode, critic, data, real, fake, args, device)
+                ratios[(ndf, mode)] = dp / plain
+                print(f"{mode:<10} {dp:>9.4f} {plain:>14.4f} {dp / plain:>7.2f}", flush=True)
+            except Exception as err:  # report the engines that do not work here and go on with the others
+                print(f"{mode:<10} {'-':>9} {'-':>14} {'-':>7}  fails: {type(err).__name__}: {str(err)[:200]}",
+                      flush=True)
+    measured = [m for m in args.modes if all((ndf, m) in ratios for ndf in args.ndf)]
+    best = min(measured, key=lambda m: sum(ratios[(ndf, m)] for ndf in args.ndf)) if measured else None
+    best_ratios = {f"ratio_ndf{ndf}": None if best is None else round(ratios[(ndf, best)], 3) for ndf in args.ndf}
+    print(json.dumps({"best_mode": best, **best_ratios, "device": name}))
 
 
 if __name__ == "__main__":
