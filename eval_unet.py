@@ -4,7 +4,9 @@
     python eval_unet.py --real                                  # U-Nets trained on the real patches
 
 Every U-Net of the grid segments the `val` volumes; the one with the best mean DSC segments `test` and `test2`
-(DSC, bAHD in mm). For a synthetic set also FID to the real train and test patches, SSIM and a t-SNE.
+(DSC, bAHD in mm). A U-Net that collapsed (predicts (almost) no vessel on val) is named and never selected while
+another is not; if every one did, the result file says so in a WARNING line. For a synthetic set also FID to
+the real train and test patches, SSIM and a t-SNE.
 Writes probability maps under work/predictions/, per-patient CSVs under work/results/<training input>/, and
 work/results/<training input>_results.txt (+ .json, an error map PNG), then prints the result file.
 Existing predictions are reused; --overwrite predicts again and replaces the result file.

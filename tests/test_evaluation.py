@@ -13,7 +13,16 @@ from torch import nn
 import config
 import eval_unet
 from model import UNet
-from utils.common import PipelineError, patches_path, save_json, save_npz, save_torch, synthetic_path, unet_dir
+from utils.common import (
+    PipelineError,
+    file_sha256,
+    patches_path,
+    save_json,
+    save_npz,
+    save_torch,
+    synthetic_path,
+    unet_dir,
+)
 from utils.evaluation import (
     brain_box_tiles,
     ensure_test_patches,
@@ -131,12 +140,16 @@ def test_predict_volume_needs_96_in_plane():
 
 
 def test_summarise_counts_undefined_bahd():
-    rows = [{"patient": "a", "dsc": 0.8, "bahd": 1.0}, {"patient": "b", "dsc": 0.6, "bahd": 3.0},
-            {"patient": "c", "dsc": 0.0, "bahd": math.inf}]
+    rows = [{"patient": "a", "dsc": 0.8, "bahd": 1.0, "n_pred": 9, "n_truth": 10},
+            {"patient": "b", "dsc": 0.6, "bahd": 3.0, "n_pred": 5, "n_truth": 10},
+            {"patient": "c", "dsc": 0.0, "bahd": math.inf, "n_pred": 0, "n_truth": 10}]
     s = summarise(rows)
     assert s["dsc_mean"] == pytest.approx(1.4 / 3) and s["dsc_sd"] == pytest.approx(np.std([0.8, 0.6, 0.0]))
     assert s["bahd_mean"] == 2.0 and s["bahd_sd"] == 1.0
     assert s["bahd_undefined"] == 1 and s["bahd_undefined_patients"] == ["c"]
+    assert not s["collapsed"]  # one patient without a predicted vessel is no collapse
+    assert summarise([{**row, "n_pred": 0} for row in rows])["collapsed"]
+    assert summarise([{**row, "n_truth": 1000} for row in rows])["collapsed"]  # 14 voxels of 3000: almost none
 
 
 # ---- end to end ----
@@ -170,12 +183,14 @@ def write_synthetic(trial, epsilon, rng, n=30):
 
 
 def write_unets(train_input):
+    data = patches_path("train") if train_input == "real" else synthetic_path(TRIAL, EPOCH, THRESH)
     for i, params in enumerate(grid()):
         torch.manual_seed(i)
         model = UNet(tuple(config.UNET_KERNELS), params["dropout"])
         run_dir = unet_dir(train_input) / run_name(params)
         save_json(run_dir / "meta.json", {**params, "epochs": 1, "batch_size": 8, "kernels": list(config.UNET_KERNELS),
-                                          "mean": 120.0, "sd": 60.0, "train_input": train_input, "n_train": 30})
+                                          "mean": 120.0, "sd": 60.0, "train_input": train_input, "n_train": 30,
+                                          "train_sha256": file_sha256(data)})
         save_torch(run_dir / "model.pt", {"state_dict": model.state_dict(), "kernels": list(config.UNET_KERNELS),
                                           "dropout": params["dropout"], "mean": 120.0, "sd": 60.0})
 
@@ -224,8 +239,9 @@ def test_eval_writes_every_field(workspace, tmp_path, capsys):
     assert "not computed: not computed" not in result["fid"]
     assert f"FID: {result['fid']}" in text
     assert 0 <= result["ssim_generated"] <= 1 and 0 <= result["ssim_real"] <= 1
-    for label in ("training input:", "epsilon (valid bound):", "best U-Net hyper-parameters:", "val DSC mean (SD):",
-                  "test DSC mean (SD):", "test2 bAHD mm mean (SD)", "SSIM real train", "evaluation date:"):
+    for label in ("training input:", "epsilon (valid bound, RDP accountant):", "best U-Net hyper-parameters:",
+                  "val DSC mean (SD):", "test DSC mean (SD):", "test2 bAHD mm mean (SD)", "SSIM real train",
+                  "evaluation date:"):
         assert label in text, label
     assert errormap_path(TRAIN_INPUT).stat().st_size > 0 and tsne_path(TRAIN_INPUT).stat().st_size > 0
 
@@ -250,10 +266,22 @@ def test_eval_writes_every_field(workspace, tmp_path, capsys):
 
 def test_tsne_groups_real_evaluated_and_other_kind(workspace):
     groups = tsne_groups(synthetic_path(TRIAL, EPOCH, THRESH), np.zeros((30, 96, 96), np.float32))
-    assert list(groups) == ["real (train)", f"private (eps 5.2) {TRAIN_INPUT} (evaluated)",
+    real = "real (train; internal, do not share)"
+    assert list(groups) == [real, f"private (valid eps 5.2) {TRAIN_INPUT} (evaluated)",
                             f"non-private (eps inf) DP_NP_{EPOCH}_{THRESH}"]
     assert all(len(images) == config.N_TSNE_IMAGES for images in groups.values())
-    assert groups["real (train)"].min() == 0 and groups["real (train)"].max() == 255  # min-max scaled per patch
+    assert groups[real].min() == 0 and groups[real].max() == 255  # min-max scaled per patch
+
+
+def test_unets_of_a_regenerated_set_are_refused(workspace, tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    write_synthetic(TRIAL, 5.2, rng)  # generate_samples.py --overwrite under the same name: other pairs
+    with pytest.raises(SystemExit):
+        run_eval(missing_weights=tmp_path / "none.pth")
+    err = capsys.readouterr().err
+    assert "was trained on other contents" in err and "--overwrite" in err
+    assert str(synthetic_path(TRIAL, EPOCH, THRESH)) in err and "model.pt" in err
+    assert not result_paths(TRAIN_INPUT)[0].exists()
 
 
 def test_eval_real_reuses_predictions_and_reports_undefined_bahd(workspace, tmp_path):
@@ -299,3 +327,37 @@ def test_missing_test_patches_are_extracted(workspace):
     patches = np.load(path)
     assert len(patches["img"]) == config.PATCHES_PER_PATIENT * len(config.PATIENT_IDS["test"])
     assert set(patches.files) >= {"img", "label", "patient", "centre"}
+
+
+# ---- collapsed U-Nets ----
+def write_val_predictions(unet_name, prob):
+    """Cached val probability maps of a U-Net trained on the real patches (reused by eval_unet.py)."""
+    for patient in config.PATIENT_IDS["val"]:
+        save_probability_map(prediction_path("real", unet_name, "val", patient), prob, np.diag([0.5, 0.5, 0.7, 1.0]))
+
+
+def test_a_collapsed_unet_is_reported_and_never_selected(workspace, tmp_path):
+    write_unets("real")
+    first, second = (run_name(params) for params in grid())
+    empty = np.zeros(SHAPE, np.float32)
+    false_positive = empty.copy()
+    false_positive[15:20, 30:34, 2] = 1.0  # 20 voxels of brain without vessel: DSC 0 as for the empty map, but
+    assert 20 >= config.COLLAPSE_FRACTION * 3 * 90 * 3  # enough of them (the label has 3 x 90 x 3) not to collapse
+    write_val_predictions(first, empty)
+    write_val_predictions(second, false_positive)
+    run_eval(trial=None, missing_weights=tmp_path / "none.pth")
+    txt, js = result_paths("real")
+    result = json.loads(js.read_text())
+    val_dsc = result["val_dsc_all_unets"]
+    assert val_dsc[first]["mean"] == val_dsc[second]["mean"] == 0  # a tie the grid order would give to `first`
+    assert result["collapsed_unets"] == [first] and result["best_unet"] == second and "warning" not in result
+    assert f"; never selected): {first}\n" in txt.read_text()
+
+    # every U-Net collapsed: the result file says so first
+    txt.unlink()
+    js.unlink()
+    write_val_predictions(second, empty)
+    run_eval(trial=None, missing_weights=tmp_path / "none.pth")
+    result = json.loads(js.read_text())
+    assert result["collapsed_unets"] == [first, second] and result["best_unet"] == first
+    assert "WARNING: every U-Net of the grid collapsed (predict(s) (almost) no vessel on val" in txt.read_text()

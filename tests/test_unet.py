@@ -9,7 +9,7 @@ import torch
 import config
 import run_unet
 from model import UNet
-from utils.common import minmax_scale, patches_path, save_npz, synthetic_path, unet_dir
+from utils.common import file_sha256, minmax_scale, patches_path, save_npz, synthetic_path, unet_dir
 from utils.unet import (
     augment,
     grid,
@@ -137,8 +137,9 @@ def test_augmentation_off_is_identity_on_changes_the_batches(monkeypatch):
     labels = torch.from_numpy(label[:, None])
     seen = []
 
-    def recording_forward(self, x):  # records the batches the U-Net is given; cheap and differentiable
-        seen.append(x.detach().clone())
+    def recording_forward(self, x):  # records the training batches (not the check); cheap and differentiable
+        if torch.is_grad_enabled():
+            seen.append(x.detach().clone())
         return torch.sigmoid(x * self.head.weight.sum())
 
     monkeypatch.setattr(UNet, "forward", recording_forward)
@@ -159,9 +160,11 @@ def test_a_tiny_unet_learns(monkeypatch):
     images = torch.from_numpy(prepare_input(img, mean, sd))
     labels = torch.from_numpy(label[:, None])
     monkeypatch.setattr(config, "UNET_EPOCHS", 6)  # 12 steps: the soft Dice leaves its plateau of p = 0.5 slowly
-    _, history = train_unet(images, labels, {"lr": 1e-2, "dropout": 0.0, "augmentation": False}, mean, sd, 0)
+    # lr 3e-3: at 1e-2 Adam's steps throw this U-Net into the all-zero output (history: collapsed)
+    _, history = train_unet(images, labels, {"lr": 3e-3, "dropout": 0.0, "augmentation": False}, mean, sd, 0)
     losses = [row["loss"] for row in history]
     assert losses[-1] < losses[0] - 0.005 and losses == sorted(losses, reverse=True), losses
+    assert history[-1]["collapsed"] == 0 and history[-1]["predicted_per_true_vessel"] > 0.5
 
 
 def test_run_unet_on_real_patches_writes_models_and_skips_existing(dirs, capsys):
@@ -181,7 +184,8 @@ def test_run_unet_on_real_patches_writes_models_and_skips_existing(dirs, capsys)
                 "seconds"} <= set(meta)
         assert (meta["n_train"], meta["train_input"], meta["kernels"]) == (N, "real", list(config.UNET_KERNELS))
         lines = (run_dir / "history.csv").read_text().splitlines()
-        assert lines[0] == "epoch,loss,seconds" and len(lines) == 1 + config.UNET_EPOCHS
+        assert lines[0] == "epoch,loss,predicted_per_true_vessel,collapsed,seconds"
+        assert len(lines) == 1 + config.UNET_EPOCHS
         model, loaded = load_unet(run_dir, "cpu")
         assert not model.training and loaded["mean"] == pytest.approx(mean)
         probs = predict_patches(model, img[:5], loaded, "cpu", batch_size=2)
@@ -211,6 +215,23 @@ def test_run_unet_on_a_synthetic_set(dirs, monkeypatch):
     train("--trial", "G", "--epoch", "3", "--thresh", "0.8")
     meta = json.loads((unet_dir("DP_G_3_0.8") / "lr0.001_do0_aug0" / "meta.json").read_text())
     assert meta["train_input"] == "DP_G_3_0.8" and meta["n_train"] == N
+
+
+def test_unets_of_a_regenerated_set_are_refused_and_overwrite_retrains(dirs, monkeypatch, capsys):
+    monkeypatch.setattr(config, "UNET_AUGMENTATION", (False,))
+    img, label = blob_patches(N)
+    path = synthetic_path("G", 3, 0.8)
+    save_npz(path, img=minmax_scale(img, 0, 255)[..., None], label=label[..., None])
+    train("--trial", "G", "--epoch", "3", "--thresh", "0.8")
+    model = unet_dir("DP_G_3_0.8") / "lr0.001_do0_aug0" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    save_npz(path, img=minmax_scale(img[::-1], 0, 255)[..., None], label=label[::-1, ..., None])  # regenerated
+    err = expect_error(capsys, "--trial", "G", "--epoch", "3", "--thresh", "0.8")
+    assert str(model) in err and str(path) in err and "--overwrite" in err
+    assert model.stat().st_mtime_ns == stamp
+    train("--trial", "G", "--epoch", "3", "--thresh", "0.8", "--overwrite")
+    meta = json.loads((model.parent / "meta.json").read_text())
+    assert meta["train_sha256"] == file_sha256(path) and model.stat().st_mtime_ns != stamp
 
 
 def expect_error(capsys, *args):
@@ -244,3 +265,33 @@ def test_malformed_patches_are_refused(dirs, capsys, overrides, message):
     err = expect_error(capsys, "--real")
     assert message in err and str(patches_path("train")) in err
     assert not (work / "unets").exists()
+
+
+def test_unet_starts_as_the_authors_keras_unet_glorot_uniform_weights_and_zero_biases():
+    torch.manual_seed(0)
+    convs = [m for m in UNet(kernels=(32, 64, 128, 256, 512)).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9 * 2 + 1  # two per level down (5) and up (4), and the 1 x 1 head
+    for conv in convs:
+        receptive = conv.kernel_size[0] * conv.kernel_size[1]
+        limit = (6 / (receptive * (conv.in_channels + conv.out_channels))) ** 0.5
+        assert (conv.bias == 0).all()
+        assert conv.weight.abs().max() <= limit
+        if conv.weight.numel() >= 10_000:  # U(-limit, limit) has SD limit / sqrt 3 (PyTorch's default: 1 / 3 of it)
+            assert conv.weight.std().item() == pytest.approx(limit / 3 ** 0.5, rel=0.05)
+
+
+def test_history_flags_a_unet_that_predicts_no_vessel_as_collapsed(monkeypatch):
+    img, label = blob_patches(N)
+    images, labels = torch.from_numpy(prepare_input(img, 100.0, 50.0)), torch.from_numpy(label[:, None])
+    params = {"lr": 1e-3, "dropout": 0.0, "augmentation": False}
+    monkeypatch.setattr(config, "UNET_EPOCHS", 2)
+    _, history = train_unet(images, labels, params, 100.0, 50.0, 0)
+    assert [row["collapsed"] for row in history] == [0, 0]
+    assert all(row["predicted_per_true_vessel"] > 0.1 for row in history)
+
+    def saturated_at_zero(self, x):  # a collapsed U-Net: the sigmoid is 0 on every pixel
+        return torch.sigmoid(x * 0 + self.head.bias.sum() * 0 - 30)
+
+    monkeypatch.setattr(UNet, "forward", saturated_at_zero)
+    _, history = train_unet(images, labels, params, 100.0, 50.0, 0)
+    assert [(row["collapsed"], row["predicted_per_true_vessel"]) for row in history] == [(1, 0.0), (1, 0.0)]

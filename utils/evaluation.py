@@ -40,6 +40,7 @@ from utils import metrics
 from utils.common import (
     PipelineError,
     atomic_write,
+    file_sha256,
     load_json,
     load_npz,
     minmax_scale,
@@ -47,6 +48,7 @@ from utils.common import (
     refuse_existing,
     resolve_device,
     result_paths,
+    run_unet_command,
     save_figure,
     save_json,
     training_input,
@@ -54,7 +56,7 @@ from utils.common import (
 )
 from utils.data import load_patient, patient_ids, validate_split
 from utils.patches import gather_patches, write_patches
-from utils.unet import grid, load_unet, predict_patches, run_name
+from utils.unet import check_trained_on, grid, is_collapsed, load_unet, predict_patches, run_name
 
 Tile = namedtuple("Tile", "x0 y0 own_x own_y")
 Tile.__doc__ = """A 96 x 96 tile img[x0:x0+96, y0:y0+96, z] and the voxels it owns: img[own_x, own_y, z]."""
@@ -175,10 +177,12 @@ def score(prob, label, spacing):
 
 
 def summarise(rows):
-    """Mean and SD over patients of DSC and (where defined) bAHD; undefined bAHDs counted and named."""
+    """Mean and SD over patients of DSC and (where defined) bAHD; undefined bAHDs counted and named; collapsed:
+    (almost) no voxel predicted as vessel over all patients (utils.unet.is_collapsed)."""
     dsc = np.array([r["dsc"] for r in rows], np.float64)
     defined = [r["bahd"] for r in rows if math.isfinite(r["bahd"])]
     return {"n_patients": len(rows), "dsc_mean": float(dsc.mean()), "dsc_sd": float(dsc.std()),
+            "collapsed": is_collapsed(sum(r["n_pred"] for r in rows), sum(r["n_truth"] for r in rows)),
             "bahd_mean": float(np.mean(defined)) if defined else None,
             "bahd_sd": float(np.std(defined)) if defined else None,
             "bahd_undefined": len(rows) - len(defined),
@@ -237,15 +241,18 @@ def unet_runs(train_input, train_command):
 
 
 def select_and_test(train_input, train_command, device=None, overwrite=False):
-    """Evaluate every U-Net on val, pick the best mean val DSC (first in grid order on ties), evaluate it on
-    test and test2. Returns dict val (run name -> summary), best (run dir), test and test2 (summaries)."""
+    """Evaluate every U-Net on val, pick the best mean val DSC (first in grid order on ties) among those that did
+    not collapse (predict (almost) no vessel on the val patients; all if every one did), evaluate it on test and
+    test2. Returns dict val (run name -> summary), best (run dir), collapsed (run names), test and test2
+    (summaries)."""
     runs = unet_runs(train_input, train_command)
     val = {}
     for run in tqdm(runs, desc=f"U-Nets on {SELECTION_SPLIT}", unit="U-Net"):
         val[run.name] = summarise(evaluate_model_on_split(run, SELECTION_SPLIT, device, overwrite,
                                                           train_input=train_input))
-    best = max(runs, key=lambda run: val[run.name]["dsc_mean"])
-    out = {"val": val, "best": best}
+    collapsed = [run.name for run in runs if val[run.name]["collapsed"]]
+    best = max([run for run in runs if run.name not in collapsed] or runs, key=lambda run: val[run.name]["dsc_mean"])
+    out = {"val": val, "best": best, "collapsed": collapsed}
     for split in tqdm(TEST_SPLITS, desc=f"best U-Net {best.name}", unit="split"):
         out[split] = summarise(evaluate_model_on_split(best, split, device, overwrite, train_input=train_input))
     return out
@@ -321,9 +328,9 @@ def read_set_info(npz_path):
 
 
 def epsilon_of(info):
-    """The epsilon of a synthetic set's info as a float (inf for a non-private GAN), None if it has none."""
+    """The valid epsilon of a synthetic set's info as a float (inf for a non-private GAN), None if it has none."""
     try:
-        return float(info.get("epsilon"))
+        return float(info.get("epsilon_valid"))
     except (TypeError, ValueError):
         return None
 
@@ -333,7 +340,7 @@ def tsne_groups(evaluated_path, generated):
     n = config.N_TSNE_IMAGES
     epsilon = epsilon_of(read_set_info(evaluated_path))
     kinds_shown = set() if epsilon is None else {math.isinf(epsilon)}
-    groups = {"real (train)": real_images("train", n, TSNE_DRAW),
+    groups = {"real (train; internal, do not share)": real_images("train", n, TSNE_DRAW),
               f"{_kind(epsilon)} {evaluated_path.stem.removeprefix('gen_patches_')} (evaluated)":
                   generated[choose(len(generated), n, TSNE_DRAW)]}
     for path in sorted((config.WORK_DIR / "synthetic").glob("gen_patches_*.npz")):
@@ -351,7 +358,7 @@ def tsne_groups(evaluated_path, generated):
 def _kind(epsilon):
     if epsilon is None:
         return "synthetic"
-    return "non-private (eps inf)" if math.isinf(epsilon) else f"private (eps {epsilon:.3g})"
+    return "non-private (eps inf)" if math.isinf(epsilon) else f"private (valid eps {epsilon:.3g})"
 
 
 # ---- error map ----
@@ -390,10 +397,7 @@ def save_errormap(train_input, best_run):
 def training_input_info(args):
     """(train_input, training data path, synthetic set info or None, `run_unet.py` command) for the flags."""
     train_input, path = training_input(args)
-    if args.real:
-        return train_input, path, None, "python run_unet.py --real"
-    command = f"python run_unet.py --trial {args.trial} --epoch {args.epoch} --thresh {args.thresh}"
-    return train_input, path, read_set_info(path), command
+    return train_input, path, None if args.real else read_set_info(path), run_unet_command(args)
 
 
 def result_fields(train_input, data_path, set_info, selection, quality, files):
@@ -402,19 +406,31 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
     meta = load_json(best / "meta.json", "U-Net meta") if (best / "meta.json").is_file() else {}
     hyper = {k: meta.get(k) for k in ("lr", "dropout", "augmentation", "epochs", "batch_size", "kernels", "n_train")}
     if set_info is None:
-        privacy = [("epsilon", "epsilon", "real data"), ("epsilon (valid bound)", "epsilon_valid", "real data")]
+        privacy = [("epsilon", "epsilon", "real data"), ("epsilon (valid bound)", "epsilon_valid", "real data"),
+                   ("epsilon (valid bound, PRV accountant)", "epsilon_valid_prv", "real data")]
     else:
-        privacy = [("epsilon (GAN log at the set's epoch, as reported)", "epsilon", set_info.get("epsilon")),
-                   ("epsilon (valid bound)", "epsilon_valid", set_info.get("epsilon_valid")),
+        paper = set_info.get("dp_mode") == "paper"
+        privacy = [("epsilon as the run counted it" + (" (the paper's count: NOT a valid bound)" if paper else ""),
+                    "epsilon", set_info.get("epsilon")),
+                   ("epsilon (valid bound, RDP accountant)", "epsilon_valid", set_info.get("epsilon_valid")),
+                   ("epsilon (valid bound, PRV accountant)", "epsilon_valid_prv", set_info.get("epsilon_valid_prv")),
+                   ("epsilon is that of GAN epoch (the last one the choice of epoch looked at)", "privacy_of_epoch",
+                    set_info.get("selection", {}).get("privacy_of_epoch", set_info.get("epoch"))),
                    ("DP mode", "dp_mode", set_info.get("dp_mode")),
                    ("noise multiplier", "noise_multiplier", set_info.get("noisem")),
                    ("GAN epoch", "gan_epoch", set_info.get("epoch"))]
+    privacy += audit_fields(train_input, set_info)
     val_best = selection["val"][best.name]
     fields = [("training input", "training_input", train_input), ("training data", "training_data", str(data_path)),
-              *privacy,
-              ("best U-Net (highest mean val DSC)", "best_unet", best.name),
-              ("best U-Net hyper-parameters", "best_unet_hyperparameters", hyper),
-              ("val DSC mean (SD)", "val_dsc", _mean_sd(val_best["dsc_mean"], val_best["dsc_sd"]))]
+              *privacy]
+    collapsed = f"predict(s) (almost) no vessel on val: fewer voxels than {config.COLLAPSE_FRACTION:g} of the true"
+    if len(selection["collapsed"]) == len(selection["val"]):
+        fields.append(("WARNING", "warning", f"every U-Net of the grid collapsed ({collapsed}): the scores below "
+                                             f"are those of {best.name}, which segments (almost) nothing"))
+    fields += [("best U-Net (highest mean val DSC of those not collapsed)", "best_unet", best.name),
+               (f"collapsed U-Nets ({collapsed}; never selected)", "collapsed_unets", selection["collapsed"]),
+               ("best U-Net hyper-parameters", "best_unet_hyperparameters", hyper),
+               ("val DSC mean (SD)", "val_dsc", _mean_sd(val_best["dsc_mean"], val_best["dsc_sd"]))]
     for split in TEST_SPLITS:
         s = selection[split]
         fields += [(f"{split} DSC mean (SD)", f"{split}_dsc", _mean_sd(s["dsc_mean"], s["dsc_sd"])),
@@ -424,15 +440,30 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
                     {"count": s["bahd_undefined"], "of": s["n_patients"], "patients": s["bahd_undefined_patients"]})]
     fields.append(("val DSC mean (SD) of every U-Net", "val_dsc_all_unets",
                    {name: _mean_sd(v["dsc_mean"], v["dsc_sd"]) for name, v in selection["val"].items()}))
-    labels = {"fid": "FID", "fid_train": "FID generated vs train", "fid_test": "FID generated vs test",
-              "fid_difference": "FID difference (train - test)",
+    internal = " [internal: computed on training patches without noise, do not share]"
+    labels = {"fid": "FID", "fid_train": "FID generated vs train" + internal, "fid_test": "FID generated vs test",
+              "fid_difference": "FID difference (train - test)" + internal,
               "ssim_generated": f"SSIM generated (mean over pairs of {config.N_SSIM_IMAGES} images)",
-              "ssim_real": f"SSIM real train (mean over pairs of {config.N_SSIM_IMAGES} images)"}
+              "ssim_real": f"SSIM real train (mean over pairs of {config.N_SSIM_IMAGES} images)" + internal}
     fields += [(labels[key], key, value) for key, value in quality.items()]
     fields += [("prediction threshold", "prediction_threshold", config.PREDICTION_THRESHOLD),
                ("evaluation date", "evaluation_date", datetime.datetime.now().isoformat(timespec="seconds")),
                ("config preset", "config_preset", config.PRESET), ("files", "files", files)]
     return fields
+
+
+def audit_fields(train_input, set_info):
+    """The membership-inference figures of audit_privacy.py for a synthetic set (read from its audit JSON)."""
+    from utils.audit import AUDIT_FIGURES, audit_paths
+
+    if set_info is None:
+        return [("membership inference AUC", "mia_auc", "not applicable (real data)")]
+    path = audit_paths(train_input)[0]
+    if not path.is_file():
+        return [("membership inference AUC", "mia_auc",
+                 f"not computed: no {path.name} (run audit_privacy.py on this set before eval_unet.py)")]
+    audit = load_json(path, "privacy audit")
+    return [(label, key, audit.get(key)) for key, label in AUDIT_FIGURES.items()]
 
 
 def _mean_sd(mean, sd):
@@ -471,7 +502,9 @@ def evaluate_training_input(args):
     if not patches_path("train").is_file():
         raise PipelineError(f"real training patches {patches_path('train')} do not exist; make them with "
                             f"`python extract_patches.py --split train`")
-    unet_runs(train_input, train_command)
+    digest = file_sha256(data_path)
+    for run in unet_runs(train_input, train_command):
+        check_trained_on(run, data_path, digest, f"{train_command} --overwrite")
     for split in (SELECTION_SPLIT, *TEST_SPLITS):
         for header in validate_split(split):
             check_in_plane(header.shape, f"{split} patient {header.patient}'s volume")

@@ -5,6 +5,11 @@ Choices, where the SPEC leaves room:
   min-max scaled training images (stored in model.pt and meta.json), for real and synthetic patches alike.
 - Loss: negative soft Dice with smooth 1 over the whole batch flattened, as the authors' Keras code did:
   -(2 sum(p t) + 1) / (sum p + sum t + 1), one value per batch (not a mean over samples).
+- Initialisation: Keras's default, as the authors' U-Net had: Glorot-uniform weights, zero biases.
+- Collapse: the soft Dice has an absorbing state, the all-zero output. Once Adam's steps throw every logit deep
+  below 0, the gradient is scaled by the sigmoid's slope (about p, 1e-5 there) while Adam's second moment still
+  remembers the earlier, larger gradients, so the steps stay tiny for thousands of steps. Too large a learning
+  rate gets there within the first epoch; such a U-Net is flagged (HISTORY_FIELDS, is_collapsed).
 - Steps: an epoch has 2 N // batch steps (at least 1). Its batches are consecutive slices of two fresh random
   permutations of the training set, so every patch is seen at most (and, but for the remainder, exactly)
   twice per epoch, like Keras's reshuffling iterator with steps_per_epoch = 2 N / batch.
@@ -29,10 +34,12 @@ from model import PATCH, UNet
 from utils.common import (
     PipelineError,
     atomic_write,
+    file_sha256,
     load_json,
     load_npz,
     minmax_scale,
     resolve_device,
+    run_unet_command,
     save_json,
     save_torch,
     train_input_name,
@@ -43,6 +50,11 @@ from utils.common import (
 
 SMOOTH = 1.0
 STATS_CHUNK = 2048  # patches per chunk when scaling the training set (bounds the temporary memory)
+# history.csv, one row per epoch. predicted_per_true_vessel: on a fixed batch of training patches with vessel
+# (check_patches), the U-Net's pixels above config.PREDICTION_THRESHOLD at the epoch's end per true vessel pixel;
+# collapsed: 1 if the U-Net predicts (almost) no vessel (is_collapsed): the soft Dice's all-zero output, from which
+# its gradient, scaled by the sigmoid's slope, does not bring it back.
+HISTORY_FIELDS = ("epoch", "loss", "predicted_per_true_vessel", "collapsed", "seconds")
 
 
 def grid():
@@ -161,6 +173,8 @@ def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
     n, batch = len(images), config.UNET_BATCH_SIZE
     steps = steps_per_epoch(n)
     fill = (0.0 - mean) / sd  # intensity 0 of the [0, 255] scale, standardised
+    check, check_labels = check_patches(images, labels, batch)
+    n_check_vessel = int(check_labels.sum())
     history = []
     model.train()
     with tqdm(total=config.UNET_EPOCHS * steps, desc=desc, unit="step") as bar:
@@ -179,14 +193,39 @@ def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
                 total += loss.item()
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{total / (step + 1):.4f}")
-            history.append({"epoch": epoch, "loss": total / steps, "seconds": round(time.time() - start, 2)})
+            predicted = predicted_vessel_pixels(model, check)
+            history.append({"epoch": epoch, "loss": total / steps,
+                            "predicted_per_true_vessel": predicted / max(n_check_vessel, 1),
+                            "collapsed": int(is_collapsed(predicted, n_check_vessel)),
+                            "seconds": round(time.time() - start, 2)})
     return model.eval(), history
+
+
+def check_patches(images, labels, n):
+    """(images, labels) of the first n training patches that hold vessel: the fixed batch on which every epoch's
+    end checks that the U-Net still predicts vessels."""
+    with_vessel = (labels.flatten(1) > 0).any(dim=1)
+    return images[with_vessel][:n], labels[with_vessel][:n]
+
+
+def predicted_vessel_pixels(model, patches):
+    """How many of the patches' pixels the model (in eval mode) gives a probability above the threshold."""
+    model.eval()
+    with torch.no_grad():
+        count = int((model(patches) > config.PREDICTION_THRESHOLD).sum())
+    model.train()
+    return count
+
+
+def is_collapsed(n_predicted, n_true):
+    """A U-Net collapsed if it predicts fewer vessel pixels than config.COLLAPSE_FRACTION of the true ones."""
+    return n_predicted < config.COLLAPSE_FRACTION * n_true
 
 
 def _write_history(path, rows):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["epoch", "loss", "seconds"])
+            writer = csv.DictWriter(f, fieldnames=list(HISTORY_FIELDS))
             writer.writeheader()
             writer.writerows(rows)
 
@@ -199,11 +238,13 @@ def run_unets(args):
     train_input = train_input_name(args)
     folder = unet_dir(train_input)
     runs = grid()
+    digest = file_sha256(path)
     todo = []
     for i, params in enumerate(runs):
         if args.overwrite or not (folder / run_name(params) / "model.pt").exists():
             todo.append(i)
         else:
+            check_trained_on(folder / run_name(params), path, digest, f"{run_unet_command(args)} --overwrite")
             print(f"{folder / run_name(params)} exists; skipped (pass --overwrite to retrain)", flush=True)
     if not todo:
         return folder
@@ -226,8 +267,10 @@ def run_unets(args):
         meta = {**params, "epochs": config.UNET_EPOCHS, "batch_size": config.UNET_BATCH_SIZE,
                 "kernels": list(config.UNET_KERNELS), "steps_per_epoch": steps_per_epoch(len(img)),
                 "loss": "negative soft Dice, smooth 1, over the flattened batch", "mean": mean, "sd": sd,
-                "train_input": train_input, "train_path": str(path), "n_train": len(img), "seed": config.UNET_SEED + i,
-                "final_loss": history[-1]["loss"], "seconds": seconds, "device": str(device),
+                "train_input": train_input, "train_path": str(path), "train_sha256": digest, "n_train": len(img),
+                "seed": config.UNET_SEED + i,
+                "final_loss": history[-1]["loss"], "collapsed": bool(history[-1]["collapsed"]), "seconds": seconds,
+                "device": str(device),
                 "preset": config.PRESET, "versions": versions()}
         _write_history(run_dir / "history.csv", history)
         save_json(run_dir / "meta.json", meta)
@@ -235,8 +278,21 @@ def run_unets(args):
         save_torch(run_dir / "model.pt", {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                                           "kernels": list(config.UNET_KERNELS), "dropout": params["dropout"],
                                           "mean": mean, "sd": sd})
-        print(f"{run_dir}: final loss {history[-1]['loss']:.4f}, {seconds} s", flush=True)
+        warning = " -- COLLAPSED: (almost) no vessel predicted on its check patches" if history[-1]["collapsed"] else ""
+        print(f"{run_dir}: final loss {history[-1]['loss']:.4f}, {seconds} s{warning}", flush=True)
     return folder
+
+
+def check_trained_on(run_dir, data_path, digest, retrain_command):
+    """A trained U-Net must come from the training file as it is now: its meta.json records the file's SHA-256.
+    A set regenerated under the same name (generate_samples.py --overwrite) would otherwise pair the new set's
+    epsilon with U-Nets of the old one."""
+    meta_path = Path(run_dir) / "meta.json"
+    recorded = load_json(meta_path, "U-Net meta").get("train_sha256") if meta_path.is_file() else None
+    if recorded != digest:
+        why = "records no hash of its training file" if recorded is None else "was trained on other contents"
+        raise PipelineError(f"U-Net {Path(run_dir) / 'model.pt'} {why}: its training file {data_path} has changed "
+                            f"since (or cannot be checked); retrain with `{retrain_command}` (nothing was written)")
 
 
 def load_unet(run_dir, device=None):
