@@ -143,3 +143,14 @@ def test_bad_input_stops_before_anything_is_written(workspace, monkeypatch, caps
         audit_privacy.main(argv)
     assert message in capsys.readouterr().err
     assert not (config.WORK_DIR / "results").exists()
+
+
+def test_the_white_box_attack_loads_the_critic_of_the_trials_recipe(workspace):
+    import generate_samples
+    import run_gan
+
+    run_gan.main(["--trial", "w", "--epochs", "1", "--noisem", "inf", "--arch", "dcgan", "--ngf", "2", "--ndf", "4",
+                  "--loss", "ns", "--optimizer", "adam", "--label_scale", "pm1"])
+    generate_samples.main(["--trial", "w", "--epoch", "0", "--n_samples", "40"])
+    result = audit_privacy.main(["--trial", "w", "--epoch", "0", "--device", "cpu"])
+    assert 0 <= result["critic_auc"] <= 1 and 0 <= result["mia_auc"] <= 1

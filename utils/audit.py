@@ -278,22 +278,22 @@ def held_out_patches():
 def critic_scorer(trial, epoch, device):
     """critic(img, label) -> scores of the trial's critic at `epoch`, or None when its checkpoint is missing.
     Internal: the critic is never released."""
-    from model import Discriminator
-    from utils.gan import checkpoint_path, load_checkpoint
+    from utils.gan import build_networks, checkpoint_path, load_checkpoint
 
     path = checkpoint_path(trial, epoch)
     if trial is None or not path.is_file():
         return None
     checkpoint = load_checkpoint(path)
-    margs = checkpoint["model_args"]
-    critic = Discriminator(margs["ndf"], margs["kd"], margs["strd"])
+    critic = build_networks(checkpoint["model_args"])[1]
     critic.load_state_dict(checkpoint["discriminator"])
     critic.to(device).eval()
+    label_scale = checkpoint["model_args"].get("label_scale", "01")  # the critic saw labels on this scale
 
     def score(img, label):
         img = img[..., 0] if img.ndim == 4 else img
         label = label[..., 0] if label.ndim == 4 else label
-        pairs = np.stack([minmax_scale(img, -1, 1), label.astype(np.float32)], axis=1)
+        label = label.astype(np.float32)
+        pairs = np.stack([minmax_scale(img, -1, 1), label * 2 - 1 if label_scale == "pm1" else label], axis=1)
         with torch.no_grad():
             return np.concatenate([critic(torch.from_numpy(pairs[i:i + 256]).to(device)).cpu().numpy()
                                    for i in range(0, len(pairs), 256)])

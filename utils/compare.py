@@ -12,7 +12,7 @@ from utils.common import PipelineError, atomic_write, load_json, save_figure
 COLUMNS = [
     ("training_input", "training_input", None), ("epsilon", "epsilon", None),
     ("epsilon_valid", "epsilon_valid", None), ("epsilon_valid_prv", "epsilon_valid_prv", None),
-    ("dp_mode", "dp_mode", None),
+    ("dp_mode", "dp_mode", None), ("privacy_unit", "privacy_unit", None),
     ("noise_multiplier", "noise_multiplier", None), ("gan_epoch", "gan_epoch", None),
     ("best_unet", "best_unet", None), ("val_dsc", "val_dsc", "mean"),
     ("test_dsc", "test_dsc", "mean"), ("test_dsc_sd", "test_dsc", "sd"),
@@ -25,7 +25,8 @@ COLUMNS = [
 ]
 # The CSV's `epsilon` is what the run counted (paper mode: the paper's count, not a valid bound); the table shows
 # only valid bounds.
-TABLE = [("training input", "training_input", "{}"), ("valid eps", "epsilon_valid", "{}"),
+TABLE = [("training input", "training_input", "{}"), ("privacy unit", "privacy_unit", "{}"),
+         ("valid eps", "epsilon_valid", "{}"),
          ("eps PRV", "epsilon_valid_prv", "{}"), ("test DSC", "test_dsc", "{:.3f}"),
          ("test2 DSC", "test2_dsc", "{:.3f}"), ("test bAHD", "test_bahd", "{:.2f}"),
          ("test2 bAHD", "test2_bahd", "{:.2f}"), ("FID train", "fid_train", "{:.1f}"),

@@ -55,7 +55,7 @@ from utils.common import (
     unet_dir,
 )
 from utils.data import load_patient, patient_ids, validate_split
-from utils.patches import gather_patches, write_patches
+from utils.patches import ensure_patches, gather_patches
 from utils.unet import check_trained_on, grid, is_collapsed, load_unet, predict_patches, run_name
 
 Tile = namedtuple("Tile", "x0 y0 own_x own_y")
@@ -278,12 +278,7 @@ def real_images(split, n=None, draw=FID_DRAW):
 
 def ensure_test_patches():
     """The test patches FID compares with; extracted like `extract_patches.py --split test` if missing."""
-    path = patches_path("test")
-    if not path.is_file():
-        print(f"{path} does not exist: extracting the test patches (as `extract_patches.py --split test`)",
-              flush=True)
-        write_patches("test", config.PATCH_SEED)
-    return path
+    return ensure_patches("test")
 
 
 def synthetic_images(path):
@@ -407,7 +402,8 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
     hyper = {k: meta.get(k) for k in ("lr", "dropout", "augmentation", "epochs", "batch_size", "kernels", "n_train")}
     if set_info is None:
         privacy = [("epsilon", "epsilon", "real data"), ("epsilon (valid bound)", "epsilon_valid", "real data"),
-                   ("epsilon (valid bound, PRV accountant)", "epsilon_valid_prv", "real data")]
+                   ("epsilon (valid bound, PRV accountant)", "epsilon_valid_prv", "real data"),
+                   ("privacy unit (what epsilon protects)", "privacy_unit", "none (real data)")]
     else:
         paper = set_info.get("dp_mode") == "paper"
         privacy = [("epsilon as the run counted it" + (" (the paper's count: NOT a valid bound)" if paper else ""),
@@ -417,6 +413,7 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
                    ("epsilon is that of GAN epoch (the last one the choice of epoch looked at)", "privacy_of_epoch",
                     set_info.get("selection", {}).get("privacy_of_epoch", set_info.get("epoch"))),
                    ("DP mode", "dp_mode", set_info.get("dp_mode")),
+                   ("privacy unit (what epsilon protects)", "privacy_unit", set_info.get("privacy_unit", "patch")),
                    ("noise multiplier", "noise_multiplier", set_info.get("noisem")),
                    ("GAN epoch", "gan_epoch", set_info.get("epoch"))]
     privacy += audit_fields(train_input, set_info)

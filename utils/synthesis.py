@@ -243,6 +243,7 @@ def generate_samples(args):
             "n_samples": n_samples, "epsilon": number(trial_privacy["epsilon"]),
             "epsilon_valid": number(trial_privacy["epsilon_valid"]),
             "epsilon_valid_prv": number(trial_privacy["epsilon_valid_prv"]), "selection": selection,
+            "privacy_unit": trial_privacy["privacy_unit"],
             "noisem": number(run_args.get("noisem")), "dp_mode": run_args.get("dp_mode"), "seed": args.seed,
             "model_args": model_args,
             "label_rule": f"label = generator label output > {raw_threshold:g} (thresh {args.thresh} on the "
