@@ -208,8 +208,9 @@ def membership_audit(synthetic, members, held_out, seed=None, critic_score=None)
 
 def verdict(result):
     if not result["control_ok"]:
-        return (f"CONTROL FAILED: two groups of held-out patches score AUC {result['control_auc']:.3f} (CI excludes "
-                f"0.5): this audit measures something other than membership; do not read its AUC as leakage")
+        return (f"CONTROL FAILED: two groups of held-out patients score AUC {result['control_auc']:.3f} (CI "
+                f"excludes 0.5): this audit measures differences between patients, not membership; do not read its "
+                f"AUC as leakage")
     low, high = result["mia_auc_ci95"]
     if low > 0.5:
         return (f"membership leaks: the black-box attack beats chance (AUC {result['mia_auc']:.3f}, CI {low:.3f}-"
