@@ -740,6 +740,8 @@ def describe_diagnostics(row):
 
 def describe_group_privacy(group):
     """One line for privacy.group_privacy's dict."""
+    if group["group_size"] == 1:
+        return f"epsilon {group['epsilon']:.4g}, delta {group['delta']:.3g} (patient-level DP: the guarantee itself)"
     if not group["meaningful"]:
         return f"no meaningful guarantee (group of {group['group_size']} patches: delta >= 1)"
     return f"epsilon {group['epsilon']:.4g}, delta {group['delta']:.3g} (group of {group['group_size']} patches)"

@@ -53,7 +53,8 @@ def trial_privacy(trial, trial_config, epoch):
            "sample_rate": rate, "delta": delta, "n_samples": trial_config.get("n_samples"),
            "generator_updates": accountant["generator_updates"], "seeded": trial_config.get("seeded", True),
            "patches_per_patient_max": trial_config.get("patches_per_patient_max", config.PATCHES_PER_PATIENT),
-           "privacy_unit": trial_config.get("privacy_unit", "patch")}
+           "privacy_unit": trial_config.get("privacy_unit", "patch"),
+           "n_units": trial_config.get("n_units", trial_config.get("n_samples"))}
     if math.isinf(noisem):
         return {**out, "epsilon": math.inf, "epsilon_valid": math.inf, "epsilon_valid_prv": math.inf, "steps": 0}
     counted = [tuple(h) for h in accountant["history"]]
@@ -81,7 +82,7 @@ def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, s
                           f"{privacy.PRV_EPS_ERROR}): the same history, accounted more tightly",
         "dp_mode": p["dp_mode"], "noise_multiplier": json_number(p["noise_multiplier"]),
         "max_norm_dp": p["max_norm_dp"], "sample_rate": p["sample_rate"], "steps": p["steps"],
-        "n_samples": p["n_samples"],
+        "n_samples": p["n_samples"], "n_privacy_units": p["n_units"],
         "per_patient": {**{k: json_number(v) for k, v in group.items()}, "statement": describe_group_privacy(group)},
         "epochs_trained": epochs_trained, "epoch_released": epoch_released, "selection": selection,
         "n_synthetic_pairs": n_pairs, "seeded": p["seeded"],
