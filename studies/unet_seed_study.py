@@ -7,7 +7,7 @@ patches, trains the preset's U-Net grid with config.UNET_SEED = U (as `run_unet.
 the best (as `eval_unet.py --real`) in ROOT/work_S/unet_seed_U. What exists is reused. Prints one row per pair of
 seeds and the time taken, and writes the table to ROOT/unet_seed_study.csv.
 
-    DPGAN_PRESET=demo .venv/bin/python studies/unet_seed_study.py --root /tmp/ustudy --threads 1
+    DPGAN_PRESET=demo .venv/bin/python studies/unet_seed_study.py --root unet_seed_study --threads 1
 """
 
 import argparse
