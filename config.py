@@ -85,6 +85,9 @@ AUG_ROTATION_DEG = 30
 AUG_SHEAR_DEG = 20
 AUG_VERTICAL_FLIP = True
 UNET_SEED = 7
+# Output bias starts at logit(vessel fraction of the training labels), not 0 (the authors' Keras): from p = 0.5 the
+# soft Dice's first Adam steps can throw the U-Net into its all-zero output (utils/unet.py). False: Keras's zero.
+UNET_START_AT_PRIOR = True
 
 # ---- Evaluation (step 5) ----
 PREDICTION_THRESHOLD = 0.5

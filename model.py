@@ -3,6 +3,8 @@
 Self-contained: depends on torch only.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,6 +192,14 @@ class UNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.head = nn.Conv2d(kernels[0], 1, 1)
         glorot_init(self)
+
+    def start_at_prior(self, vessel_fraction):
+        """Set the output bias to logit(vessel_fraction) (clamped to [1e-4, 0.5]): before training, every pixel's
+        probability is about the training labels' vessel fraction instead of 0.5 (prior initialisation, Lin et al.
+        2017). Returns the bias."""
+        p = min(max(float(vessel_fraction), 1e-4), 0.5)
+        nn.init.constant_(self.head.bias, math.log(p / (1 - p)))
+        return float(self.head.bias)
 
     @staticmethod
     def _level(c_in, c_out, dropout):

@@ -159,11 +159,10 @@ def test_a_tiny_unet_learns(monkeypatch):
     mean, sd = standardisation(img)
     images = torch.from_numpy(prepare_input(img, mean, sd))
     labels = torch.from_numpy(label[:, None])
-    monkeypatch.setattr(config, "UNET_EPOCHS", 6)  # 12 steps: the soft Dice leaves its plateau of p = 0.5 slowly
-    # lr 3e-3: at 1e-2 Adam's steps throw this U-Net into the all-zero output (history: collapsed)
+    monkeypatch.setattr(config, "UNET_EPOCHS", 6)  # 12 steps
     _, history = train_unet(images, labels, {"lr": 3e-3, "dropout": 0.0, "augmentation": False}, mean, sd, 0)
     losses = [row["loss"] for row in history]
-    assert losses[-1] < losses[0] - 0.005 and losses == sorted(losses, reverse=True), losses
+    assert losses[-1] < losses[0] - 0.05, losses
     assert history[-1]["collapsed"] == 0 and history[-1]["predicted_per_true_vessel"] > 0.5
 
 
@@ -285,6 +284,7 @@ def test_history_flags_a_unet_that_predicts_no_vessel_as_collapsed(monkeypatch):
     images, labels = torch.from_numpy(prepare_input(img, 100.0, 50.0)), torch.from_numpy(label[:, None])
     params = {"lr": 1e-3, "dropout": 0.0, "augmentation": False}
     monkeypatch.setattr(config, "UNET_EPOCHS", 2)
+    monkeypatch.setattr(config, "UNET_START_AT_PRIOR", False)  # from p = 0.5 four steps leave pixels above 0.5
     _, history = train_unet(images, labels, params, 100.0, 50.0, 0)
     assert [row["collapsed"] for row in history] == [0, 0]
     assert all(row["predicted_per_true_vessel"] > 0.1 for row in history)
@@ -295,3 +295,18 @@ def test_history_flags_a_unet_that_predicts_no_vessel_as_collapsed(monkeypatch):
     monkeypatch.setattr(UNet, "forward", saturated_at_zero)
     _, history = train_unet(images, labels, params, 100.0, 50.0, 0)
     assert [(row["collapsed"], row["predicted_per_true_vessel"]) for row in history] == [(1, 0.0), (1, 0.0)]
+
+
+@pytest.mark.parametrize("start_at_prior", [True, False])
+def test_the_unet_starts_at_the_vessel_fraction_of_its_training_labels(monkeypatch, start_at_prior):
+    img, label = blob_patches(N)
+    images, labels = torch.from_numpy(prepare_input(img, 100.0, 50.0)), torch.from_numpy(label[:, None])
+    monkeypatch.setattr(config, "UNET_EPOCHS", 0)
+    monkeypatch.setattr(config, "UNET_START_AT_PRIOR", start_at_prior)
+    model, _ = train_unet(images, labels, {"lr": 1e-3, "dropout": 0.0, "augmentation": False}, 100.0, 50.0, 0)
+    with torch.no_grad():
+        mean_output = float(model(images).mean())
+    fraction = float(label.mean())
+    assert 0.005 < fraction < 0.2
+    # From p = 0.5 on every pixel the soft Dice's first steps push all logits down together (utils/unet.py)
+    assert mean_output == pytest.approx(fraction if start_at_prior else 0.5, rel=0.1)
