@@ -14,16 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-import config
 from utils.audit import audit_synthetic_set
-from utils.common import add_device_arg, print_setup, script_main
+from utils.common import add_device_arg, add_synthetic_set_args, print_setup, script_main
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trial", default=None, help="GAN trial of the synthetic set")
-    p.add_argument("--epoch", type=int, default=None, help="epoch of the set, as given to generate_samples.py")
-    p.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic set")
+    add_synthetic_set_args(p)
     p.add_argument("--synthetic", type=Path, default=None, help="audit this npz (arrays img and label) instead")
     add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing audit of the same set")

@@ -196,10 +196,9 @@ class UNet(nn.Module):
     def start_at_prior(self, vessel_fraction):
         """Set the output bias to logit(vessel_fraction) (clamped to [1e-4, 0.5]): before training, every pixel's
         probability is about the training labels' vessel fraction instead of 0.5 (prior initialisation, Lin et al.
-        2017). Returns the bias."""
+        2017)."""
         p = min(max(float(vessel_fraction), 1e-4), 0.5)
         nn.init.constant_(self.head.bias, math.log(p / (1 - p)))
-        return float(self.head.bias)
 
     @staticmethod
     def _level(c_in, c_out, dropout):

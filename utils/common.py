@@ -202,12 +202,17 @@ def train_input_name(args):
     return "real" if getattr(args, "real", False) else synthetic_name(args.trial, args.epoch, args.thresh)
 
 
-def add_training_input_args(parser, real_help):
-    """The flags that choose a U-Net training input (run_unet.py, eval_unet.py): a synthetic set or --real."""
+def add_synthetic_set_args(parser):
+    """The flags that name a synthetic set: --trial, --epoch (as given to generate_samples.py), --thresh."""
     parser.add_argument("--trial", default=None, help="GAN trial of the synthetic set")
     parser.add_argument("--epoch", type=int, default=None,
                         help="epoch of the synthetic set, as given to generate_samples.py")
     parser.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic set")
+
+
+def add_training_input_args(parser, real_help):
+    """The flags that choose a U-Net training input (run_unet.py, eval_unet.py): a synthetic set or --real."""
+    add_synthetic_set_args(parser)
     parser.add_argument("--real", action="store_true", help=real_help)
 
 

@@ -178,7 +178,7 @@ def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
     device = images.device
     model = UNet(tuple(config.UNET_KERNELS), params["dropout"]).to(device)
     if config.UNET_START_AT_PRIOR:
-        model.start_at_prior(labels.float().mean())
+        model.start_at_prior(labels.sum().item() / labels.numel())
     optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"])
     n, batch = len(images), config.UNET_BATCH_SIZE
     steps = steps_per_epoch(n)
