@@ -5,6 +5,9 @@ phantoms -> patches -> a non-private and a private DP-WGAN -> synthetic sets (an
 membership-inference audit of each set -> U-Nets on real and on each synthetic set -> evaluation -> one
 side-by-side table. A step whose output exists is skipped, so
 running it again reuses what is there (delete demo_work/ to start over).
+
+Steps that do not depend on each other (the two GANs; the U-Nets) run side by side, each on its share of the
+cores (a GAN's small layers use one core well and two poorly), with their output in demo_work/logs/.
 """
 
 import math
@@ -32,15 +35,46 @@ PRIVATE_EPOCHS = max(1, config.EPOCHS * 2 // 3)
 THRESH = config.THRESH
 
 
-def run(step, total, title, args, done=None):
-    head = f"[{step}/{total}] {title}"
-    if done is not None and done():
-        print(f"{head}: done already, reused", flush=True)
+def run_stage(first, total, stage):
+    """Run the stage's steps (title, args, done) that are not done yet: one in the foreground, several side by
+    side with the cores shared out and their output in logs/. A failed step stops the demo with its log's end."""
+    heads = [f"[{first + i}/{total}] {title}" for i, (title, _, _) in enumerate(stage)]
+    todo = []
+    for head, (title, args, done) in zip(heads, stage):
+        if done is not None and done():
+            print(f"{head}: done already, reused", flush=True)
+        else:
+            todo.append((head, title, args))
+    if len(todo) == 1:
+        head, _, args = todo[0]
+        print(f"{head} ...", flush=True)
+        start = time.time()
+        subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+        print(f"{head}: finished in {time.time() - start:.0f} s", flush=True)
         return
-    print(f"{head} ...", flush=True)
+    threads = str(max(1, (os.cpu_count() or 1) // len(todo)))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    logs = config.WORK_DIR / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running = []
     start = time.time()
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
-    print(f"{head}: finished in {time.time() - start:.0f} s", flush=True)
+    for head, title, args in todo:
+        log = logs / (title.replace(" ", "_").replace("/", "_") + ".log")
+        print(f"{head} ... (side by side, {threads} thread(s); output in {log})", flush=True)
+        with open(log, "w") as out:
+            running.append((head, log, subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
+                                                        stderr=subprocess.STDOUT)))
+    failed = None
+    for head, log, process in running:
+        if process.wait() != 0:
+            failed = failed or (head, log, process.returncode)
+        else:
+            print(f"{head}: finished in {time.time() - start:.0f} s", flush=True)
+    if failed:
+        head, log, code = failed
+        print(f"{head}: FAILED (exit {code}); the end of {log}:", flush=True)
+        print("".join(log.read_text(errors="replace").replace("\r", "\n").splitlines(True)[-20:]), flush=True)
+        raise SystemExit(code)
 
 
 def gan_done(trial, epochs):
@@ -64,29 +98,31 @@ def main():
     select = {t: ["--trial", t, "--epoch", str(epochs - 1), "--thresh", str(THRESH)] for t, (_, epochs) in
               trials.items()}
     names = {t: common.synthetic_name(t, epochs - 1, THRESH) for t, (_, epochs) in trials.items()}
-    steps = [("synthetic TOF-MRA phantoms", ["make_phantoms.py"],
-              lambda: all((config.DATA_DIR / s / f"{config.PATIENT_IDS[s][-1]}_mask.nii.gz").is_file()
-                          for s in config.SPLITS)),
-             ("training patches", ["extract_patches.py", "--split", "train"],
-              lambda: common.patches_path("train").is_file()),
-             ("test patches (for FID)", ["extract_patches.py", "--split", "test"],
-              lambda: common.patches_path("test").is_file())]
-    for trial, (sigma, epochs) in trials.items():
-        steps.append((f"DP-GAN {trial} (noise {sigma}, {epochs} epochs)", gan_args(trial, sigma, epochs),
-                      lambda t=trial, e=epochs: gan_done(t, e)))
+    stages = [[("synthetic TOF-MRA phantoms", ["make_phantoms.py"],
+                lambda: all((config.DATA_DIR / s / f"{config.PATIENT_IDS[s][-1]}_mask.nii.gz").is_file()
+                            for s in config.SPLITS))],
+              [("training patches", ["extract_patches.py", "--split", "train"],
+                lambda: common.patches_path("train").is_file())],
+              [("test patches (for FID)", ["extract_patches.py", "--split", "test"],
+                lambda: common.patches_path("test").is_file())],
+              [(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs)", gan_args(trial, sigma, epochs),
+                lambda t=trial, e=epochs: gan_done(t, e)) for trial, (sigma, epochs) in trials.items()]]
     for trial, (_, epochs) in trials.items():
-        steps.append((f"synthetic pairs of {trial}", ["generate_samples.py", *select[trial]],
-                      lambda t=trial, e=epochs: common.synthetic_path(t, e - 1, THRESH).is_file()))
-        steps.append((f"privacy audit of {trial}'s pairs", ["audit_privacy.py", *select[trial]],
-                      lambda t=trial: audit_paths(names[t])[0].is_file()))
-    for name, flags in [("real", ["--real"])] + [(names[t], select[t]) for t in trials]:
-        steps.append((f"U-Nets on {name}", ["run_unet.py", *flags], None))
-        steps.append((f"evaluation of {name}", ["eval_unet.py", *flags],
-                      lambda n=name: common.result_paths(n)[1].is_file()))
-    steps.append(("comparison table and figures", ["compare_results.py"], None))
-    start = time.time()
-    for i, (title, args, done) in enumerate(steps, 1):
-        run(i, len(steps), title, args, done)
+        stages.append([(f"synthetic pairs of {trial}", ["generate_samples.py", *select[trial]],
+                        lambda t=trial, e=epochs: common.synthetic_path(t, e - 1, THRESH).is_file())])
+        stages.append([(f"privacy audit of {trial}'s pairs", ["audit_privacy.py", *select[trial]],
+                        lambda t=trial: audit_paths(names[t])[0].is_file())])
+    sets = [("real", ["--real"])] + [(names[t], select[t]) for t in trials]
+    stages.append([(f"U-Nets on {name}", ["run_unet.py", *flags], None) for name, flags in sets[:2]])
+    stages.append([(f"U-Nets on {name}", ["run_unet.py", *flags], None) for name, flags in sets[2:]])
+    stages += [[(f"evaluation of {name}", ["eval_unet.py", *flags], lambda n=name: common.result_paths(n)[1].is_file())]
+               for name, flags in sets]
+    stages.append([("comparison table and figures", ["compare_results.py"], None)])
+    total = sum(len(stage) for stage in stages)
+    start, first = time.time(), 1
+    for stage in stages:
+        run_stage(first, total, stage)
+        first += len(stage)
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; outputs in {config.WORK_DIR}", flush=True)
 
 

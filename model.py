@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PATCH = 96  # the generator's output and the critic's input are 2 x 96 x 96
+PATCH = 96  # the paper's patch: its generator's output and critic's input are 2 x 96 x 96
 INIT_STD = 0.05
 
 
@@ -97,22 +97,31 @@ class Discriminator(nn.Module):
         return self.main(x).mean(dim=(1, 2, 3))
 
 
-class DCGANGenerator(nn.Module):
-    """A small DCGAN generator that learns on a CPU in minutes (the `dcgan` recipe): z -> linear -> C0 x 6 x 6 ->
-    four [4x4 stride-2 transposed convolution, BatchNorm, ReLU] up to 96 x 96 -> 3x3 convolution to 2 channels.
-    The image channel ends in tanh; the label channel is linear, clamped to [-1.5, 1.5], so that its output is
-    never saturated and the label keeps a gradient wherever the critic asks for a vessel."""
+def dcgan_stem_size(size):
+    """The dcgan pair's smallest feature map: size / 16 (four stride-2 layers); any multiple of 16 works."""
+    if size < 16 or size % 16:
+        raise ValueError(f"patch size {size}: the dcgan networks need a multiple of 16 (four stride-2 layers)")
+    return size // 16
 
-    def __init__(self, channels=(96, 48, 24, 12, 8), latent_dim=64):
+
+class DCGANGenerator(nn.Module):
+    """A small DCGAN generator that learns on a CPU in minutes (the `dcgan` recipe): z -> linear -> C0 x s x s ->
+    four [4x4 stride-2 transposed convolution, BatchNorm, ReLU] up to 16 s = size -> 3x3 convolution to 2 channels
+    (s = 6 for the paper's 96 x 96). The image channel ends in tanh; the label channel is linear, clamped to
+    [-1.5, 1.5], so that its output is never saturated and the label keeps a gradient wherever the critic asks for
+    a vessel."""
+
+    def __init__(self, channels=(96, 48, 24, 12, 8), latent_dim=64, size=PATCH):
         super().__init__()
         self.latent_dim = latent_dim
-        self.stem = nn.Sequential(nn.Linear(latent_dim, channels[0] * 36), nn.Unflatten(1, (channels[0], 6, 6)),
+        if len(channels) != 5:
+            raise ValueError(f"channels {channels}: four upsamplings need 5 widths")
+        s = dcgan_stem_size(size)
+        self.stem = nn.Sequential(nn.Linear(latent_dim, channels[0] * s * s), nn.Unflatten(1, (channels[0], s, s)),
                                   nn.BatchNorm2d(channels[0]), nn.ReLU(True))
         layers = []
         for c_in, c_out in zip(channels, channels[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.ReLU(True)]
-        if len(channels) != 5:
-            raise ValueError(f"channels {channels}: four upsamplings from 6 x 6 to {PATCH} x {PATCH} need 5 widths")
         self.body = nn.Sequential(*layers, nn.Conv2d(channels[-1], 2, 3, 1, 1))
 
     def forward(self, z):
@@ -122,10 +131,10 @@ class DCGANGenerator(nn.Module):
 
 class DCGANCritic(nn.Module):
     """The `dcgan` recipe's critic, small for DP-SGD (ndf 16: 178 k parameters): four [4x4 stride-2 convolution,
-    GroupNorm (not on the first), LeakyReLU 0.2] from 96 to 6, then a linear score. GroupNorm is per sample, so
-    per-sample gradients stay per sample; Opacus refuses BatchNorm and spectral normalisation."""
+    GroupNorm (not on the first), LeakyReLU 0.2] from size to size / 16, then a linear score. GroupNorm is per
+    sample, so per-sample gradients stay per sample; Opacus refuses BatchNorm and spectral normalisation."""
 
-    def __init__(self, ndf=16):
+    def __init__(self, ndf=16, size=PATCH):
         super().__init__()
         widths = [2, ndf, 2 * ndf, 4 * ndf, 8 * ndf]
         layers = []
@@ -134,7 +143,7 @@ class DCGANCritic(nn.Module):
             if i:
                 layers.append(nn.GroupNorm(min(8, c_out), c_out))
             layers.append(nn.LeakyReLU(0.2))
-        self.main = nn.Sequential(*layers, nn.Flatten(), nn.Linear(widths[-1] * 36, 1))
+        self.main = nn.Sequential(*layers, nn.Flatten(), nn.Linear(widths[-1] * dcgan_stem_size(size) ** 2, 1))
 
     def forward(self, x):
         return self.main(x)[:, 0]

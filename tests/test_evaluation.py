@@ -33,6 +33,7 @@ from utils.evaluation import (
     prediction_path,
     result_paths,
     save_probability_map,
+    score,
     summarise,
     tsne_groups,
     tsne_path,
@@ -137,6 +138,19 @@ def test_predict_volume_needs_96_in_plane():
     with pytest.raises(PipelineError, match="smaller than a 96 x 96"):
         predict_volume(SigmoidOfInput(), {"mean": 0, "sd": 1}, np.zeros((90, 128, 2), np.float32),
                        np.ones((90, 128, 2), np.uint8), "cpu")
+
+
+def test_dsc_in_the_brain_drops_false_vessels_outside_the_brain_mask_and_only_those():
+    label = np.zeros((8, 8, 2), np.uint8)
+    label[2:4, 2:4] = 1  # 8 true voxels in the brain
+    mask = np.zeros_like(label)
+    mask[1:7, 1:7] = 1
+    prob = label.astype(np.float32)
+    prob[0, :, 0] = 1.0  # 8 false vessels on the "scalp", outside the mask
+    prob[2, 2, 0] = 0.0  # one missed vessel voxel in the brain
+    s = score(prob, label, (1.0, 1.0, 1.0), mask)
+    assert s["dsc"] == pytest.approx(2 * 7 / (15 + 8)) and s["dsc_brain"] == pytest.approx(2 * 7 / (7 + 8))
+    assert "dsc_brain" not in score(prob, label, (1.0, 1.0, 1.0))
 
 
 def test_summarise_counts_undefined_bahd():

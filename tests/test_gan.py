@@ -23,14 +23,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "
 N_PATCHES = 32  # tiny preset: batch 8 -> 4 generator updates per epoch, n_discr 2
 
 
-def write_patches(n=N_PATCHES, seed=0):
+def write_patches(n=N_PATCHES, seed=0, size=96):
     """A small synthetic patches file: noise images with one bright disc, labelled."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:96, :96]
-    img = rng.normal(100, 20, (n, 96, 96)).astype(np.float32)
-    label = np.zeros((n, 96, 96), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    img = rng.normal(100, 20, (n, size, size)).astype(np.float32)
+    label = np.zeros((n, size, size), np.uint8)
     for i in range(n):
-        cy, cx, r = rng.integers(20, 76), rng.integers(20, 76), rng.integers(5, 15)
+        lo, hi = size * 20 // 96, size * 76 // 96
+        cy, cx, r = rng.integers(lo, hi), rng.integers(lo, hi), rng.integers(size * 5 // 96, size * 15 // 96)
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
         label[i][disc], img[i][disc] = 1, img[i][disc] + 300
     path = patches_path("train")
@@ -444,6 +445,22 @@ def test_dcgan_recipe_trains_resumes_and_synthesises_with_the_ema_generator(work
     info = json.loads(synthetic_path("t", 1, 0.8).with_suffix(".json").read_text())
     assert "label = generator label output > 0.6 " in info["label_rule"]  # 2 x 0.8 - 1 on the -1/1 scale
     assert info["model_args"]["arch"] == "dcgan"
+
+
+def test_dcgan_recipe_at_another_patch_size_trains_and_synthesises_pairs_of_that_size(dirs, monkeypatch, capsys):
+    import generate_samples
+    from utils.common import synthetic_path
+
+    monkeypatch.setattr(config, "PATCH_SIZE", 48)
+    write_patches(size=48)
+    with pytest.raises(SystemExit):
+        train("--epochs", "1")  # the paper's networks make 96 x 96 only
+    assert "--arch paper" in capsys.readouterr().err and not gan_results_dir("t").exists()
+    trial = train("--epochs", "1", "--arch", "dcgan", "--ngf", "2", "--ndf", "4", "--noisem", "1", "--diffaugment")
+    assert trial.generator(torch.randn(3, config.LATENT_DIM)).shape == (3, 2, 48, 48)
+    generate_samples.main(["--trial", "t", "--epoch", "0", "--n_samples", "5"])
+    with np.load(synthetic_path("t", 0, 0.8)) as pairs:
+        assert pairs["img"].shape == pairs["label"].shape == (5, 48, 48, 1)
 
 
 @pytest.mark.parametrize("mode", [m for m in gan.GRAD_SAMPLE_MODES if m != "hooks"])

@@ -167,11 +167,14 @@ def load_probability_map(path, shape):
 
 
 # ---- scores ----
-def score(prob, label, spacing):
-    """DSC and bAHD (mm) of the thresholded probability map against the label, and the voxel counts."""
+def score(prob, label, spacing, mask=None):
+    """DSC and bAHD (mm) of the thresholded probability map against the label, and the voxel counts. With the
+    brain mask also dsc_brain, the DSC of the prediction inside the mask (a diagnostic, not the paper's metric:
+    it separates what a U-Net finds in the brain from false vessels on the skull and scalp)."""
     pred = prob > config.PREDICTION_THRESHOLD
     truth = label.astype(bool)
-    return {"dsc": float(metrics.dice(pred, truth)),
+    brain = {} if mask is None else {"dsc_brain": float(metrics.dice(pred & mask.astype(bool), truth))}
+    return {"dsc": float(metrics.dice(pred, truth)), **brain,
             "bahd": float(metrics.balanced_average_hausdorff(pred, truth, spacing)),
             "n_truth": int(truth.sum()), "n_pred": int(pred.sum())}
 
@@ -180,8 +183,10 @@ def summarise(rows):
     """Mean and SD over patients of DSC and (where defined) bAHD; undefined bAHDs counted and named; collapsed:
     (almost) no voxel predicted as vessel over all patients (utils.unet.is_collapsed)."""
     dsc = np.array([r["dsc"] for r in rows], np.float64)
+    brain = np.array([r.get("dsc_brain", np.nan) for r in rows], np.float64)
     defined = [r["bahd"] for r in rows if math.isfinite(r["bahd"])]
     return {"n_patients": len(rows), "dsc_mean": float(dsc.mean()), "dsc_sd": float(dsc.std()),
+            "dsc_brain_mean": float(brain.mean()), "dsc_brain_sd": float(brain.std()),
             "collapsed": is_collapsed(sum(r["n_pred"] for r in rows), sum(r["n_truth"] for r in rows)),
             "bahd_mean": float(np.mean(defined)) if defined else None,
             "bahd_sd": float(np.std(defined)) if defined else None,
@@ -192,7 +197,8 @@ def summarise(rows):
 def write_patient_csv(path, rows):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["patient", "dsc", "bahd", "n_truth", "n_pred"])
+            writer = csv.DictWriter(f, fieldnames=["patient", "dsc", "dsc_brain", "bahd", "n_truth", "n_pred"],
+                                    restval="")
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, "bahd": row["bahd"] if math.isfinite(row["bahd"]) else "inf"})
@@ -223,7 +229,7 @@ def evaluate_model_on_split(run_dir, split, device=None, overwrite=False, batch_
                 unet = load_unet(run_dir, device)
             prob = predict_volume(*unet, volume.img, volume.mask, device, batch_size)
             save_probability_map(path, prob, volume.affine)
-        rows.append({"patient": patient, **score(prob, volume.label, volume.spacing)})
+        rows.append({"patient": patient, **score(prob, volume.label, volume.spacing, volume.mask)})
     write_patient_csv(patient_csv_path(train_input, run_dir.name, split), rows)
     return rows
 
@@ -431,6 +437,9 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
     for split in TEST_SPLITS:
         s = selection[split]
         fields += [(f"{split} DSC mean (SD)", f"{split}_dsc", _mean_sd(s["dsc_mean"], s["dsc_sd"])),
+                   (f"{split} DSC inside the brain mask mean (SD) [diagnostic, not the paper's metric: predictions "
+                    f"outside the brain (skull, scalp) dropped]", f"{split}_dsc_brain",
+                    _mean_sd(s["dsc_brain_mean"], s["dsc_brain_sd"])),
                    (f"{split} bAHD mm mean (SD), patients with a defined bAHD", f"{split}_bahd",
                     _mean_sd(s["bahd_mean"], s["bahd_sd"])),
                    (f"{split} bAHD undefined (empty prediction or truth), patients", f"{split}_bahd_undefined",

@@ -39,7 +39,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import TensorDataset
 
 import config
-from model import DCGANCritic, DCGANGenerator, Discriminator, Generator
+from model import PATCH, DCGANCritic, DCGANGenerator, Discriminator, Generator
 from utils import privacy
 from utils.common import (
     PipelineError,
@@ -68,7 +68,6 @@ N_FIXED_SAMPLES = 8  # generator samples drawn from one fixed noise batch after 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 LOSSES = ("wgan", "hinge", "ns")
 OPTIMIZERS = ("rmsprop", "adam")
-DIFF_AUGMENT_SHIFT = 12  # pixels of the DiffAugment translation (1/8 of the patch)
 # Flags that may change when a trial is resumed: they do not change what is trained or how it is accounted.
 RESUMABLE_CHANGES = ("resume", "epochs", "device", "grad_sample_mode")
 PROGRESS_EVERY = 20  # generator updates between refreshes of the progress bar's epsilon (~20 ms each)
@@ -152,22 +151,30 @@ def patient_batches(sampler, patches_of, k, generator):
 def model_args(args):
     return dict(arch=args.arch, ngf=args.ngf, kg=args.kg, strg=args.strg, padg=args.padg, opg=args.opg,
                 latent_dim=config.LATENT_DIM, upsampling=args.upsampling, ndf=args.ndf, kd=args.kd, strd=args.strd,
-                label_scale=args.label_scale)
+                label_scale=args.label_scale, patch_size=config.PATCH_SIZE)
 
 
 # model_args keys that define the generator (the release bundle keeps these and no more)
-GENERATOR_ARGS = ("arch", "ngf", "kg", "strg", "padg", "opg", "latent_dim", "upsampling", "label_scale")
+GENERATOR_ARGS = ("arch", "ngf", "kg", "strg", "padg", "opg", "latent_dim", "upsampling", "label_scale", "patch_size")
 
 
 def dcgan_widths(ngf):
-    """The dcgan generator's widths at 6, 12, 24, 48 and 96 pixels (ngf 8: 96, 48, 24, 12, 8)."""
+    """The dcgan generator's widths at 1/16, 1/8, 1/4, 1/2 and 1 of the patch size (ngf 8: 96, 48, 24, 12, 8)."""
     return (12 * ngf, 6 * ngf, 3 * ngf, max(1, 3 * ngf // 2), ngf)
 
 
 def build_generator(margs):
-    """The generator of model_args (arch "paper", the default of checkpoints older than the flag, or "dcgan")."""
+    """The generator of model_args (arch "paper", the default of checkpoints older than the flag, or "dcgan"; patch
+    size 96 for checkpoints older than config.PATCH_SIZE's use here)."""
+    size = margs.get("patch_size", PATCH)
     if margs.get("arch", "paper") == "dcgan":
-        return DCGANGenerator(dcgan_widths(margs["ngf"]), margs["latent_dim"])
+        try:
+            return DCGANGenerator(dcgan_widths(margs["ngf"]), margs["latent_dim"], size)
+        except ValueError as err:
+            raise PipelineError(f"config.PATCH_SIZE: {err}") from None
+    if size != PATCH:
+        raise PipelineError(f"config.PATCH_SIZE = {size}: the paper's networks (--arch paper) make {PATCH} x {PATCH} "
+                            f"patches only; use --arch dcgan for another size")
     try:
         return Generator(margs["ngf"], margs["kg"], margs["strg"], margs["padg"], margs["opg"], margs["latent_dim"],
                          margs["upsampling"])
@@ -176,9 +183,9 @@ def build_generator(margs):
 
 
 def build_networks(margs):
-    """(generator, critic) from model_args; sizes that cannot make 96 x 96 are a PipelineError."""
+    """(generator, critic) from model_args; sizes that cannot make the patch size are a PipelineError."""
     if margs.get("arch", "paper") == "dcgan":
-        return build_generator(margs), DCGANCritic(margs["ndf"])
+        return build_generator(margs), DCGANCritic(margs["ndf"], margs.get("patch_size", PATCH))
     g = build_generator(margs)
     try:
         d = Discriminator(margs["ndf"], margs["kd"], margs["strd"])
@@ -242,14 +249,16 @@ def generator_loss(scores, loss):
     return F.softplus(-scores).mean() if loss == "ns" else -scores.mean()
 
 
-def diff_augment(x, shift=DIFF_AUGMENT_SHIFT):
+def diff_augment(x, shift=None):
     """DiffAugment (Zhao et al. 2020) for pairs: per sample, random flips of both axes and a translation of up to
-    `shift` pixels with reflected borders, the same for image and label; differentiable, so the generator learns
-    through it. Applied alike to real and generated pairs before the critic, it keeps a small critic from
-    memorising the few patches it sees; under DP it is part of each sample's own term (clipped with it)."""
+    `shift` pixels (default 1/8 of the patch) with reflected borders, the same for image and label;
+    differentiable, so the generator learns through it. Applied alike to real and generated pairs before the
+    critic, it keeps a small critic from memorising the few patches it sees; under DP it is part of each sample's
+    own term (clipped with it)."""
     n, size = len(x), x.shape[-1]
     if n == 0:
         return x
+    shift = size // 8 if shift is None else shift
     flip = torch.rand(n, 2, device=x.device) < 0.5
     x = torch.where(flip[:, 0, None, None, None], x.flip(3), x)
     x = torch.where(flip[:, 1, None, None, None], x.flip(2), x)

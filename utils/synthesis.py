@@ -142,8 +142,8 @@ def label_threshold(thresh, label_scale):
 
 
 def to_pairs(output, thresh):
-    """Generator output B x 2 x 96 x 96 (tanh) -> img float32 B x 96 x 96 x 1 in [0, 255] (per patch
-    min-max) and label uint8 B x 96 x 96 x 1 = (raw label output > thresh); see the module docstring."""
+    """Generator output B x 2 x P x P (P: the patch size) -> img float32 B x P x P x 1 in [0, 255] (per patch
+    min-max) and label uint8 B x P x P x 1 = (raw label output > thresh); see the module docstring."""
     output = output.detach().float().cpu().numpy()
     img = minmax_scale(output[:, 0], 0, 255)[..., None]
     label = (output[:, 1] > thresh).astype(np.uint8)[..., None]
@@ -155,13 +155,16 @@ def generate(generator, n_samples, thresh, seed, device, batch_size=None):
     batch_size = batch_size or config.GENERATION_BATCH
     generator = generator.to(device)
     latent = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same z on every device
-    img = np.empty((n_samples, 96, 96, 1), np.float32)
-    label = np.empty((n_samples, 96, 96, 1), np.uint8)
+    img = label = None  # allocated at the first batch, in the generator's patch size
     with torch.no_grad(), tqdm(total=n_samples, desc="generating", unit="pair") as bar:
         for start in range(0, n_samples, batch_size):
             stop = min(start + batch_size, n_samples)
             z = torch.randn(stop - start, generator.latent_dim, 1, 1, generator=latent)
-            img[start:stop], label[start:stop] = to_pairs(generator(z.to(device)), thresh)
+            pairs = to_pairs(generator(z.to(device)), thresh)
+            if img is None:
+                img = np.empty((n_samples, *pairs[0].shape[1:]), np.float32)
+                label = np.empty((n_samples, *pairs[1].shape[1:]), np.uint8)
+            img[start:stop], label[start:stop] = pairs
             bar.update(stop - start)
     return img, label
 

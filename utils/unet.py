@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
-from model import PATCH, UNet
+from model import UNet
 from utils.common import (
     PipelineError,
     atomic_write,
@@ -138,9 +138,9 @@ def check_training_arrays(data, path):
     for name, array in (("img", img), ("label", label)):
         if array.ndim == 4 and array.shape[-1] == 1:
             array = array[..., 0]
-        if array.ndim != 3 or array.shape[1:] != (PATCH, PATCH):
-            raise PipelineError(f"training set {path}: `{name}` has shape {data[name].shape}, expected N x {PATCH} "
-                                f"x {PATCH} (or N x {PATCH} x {PATCH} x 1)")
+        if array.ndim != 3 or array.shape[1:] != (config.PATCH_SIZE, config.PATCH_SIZE):
+            raise PipelineError(f"training set {path}: `{name}` has shape {data[name].shape}, expected N x "
+                                f"{config.PATCH_SIZE} x {config.PATCH_SIZE} (or N x ... x 1)")
         if name == "img":
             img = array
         else:
@@ -263,7 +263,7 @@ def run_unets(args):
     if sd == 0:
         raise PipelineError(f"training set {path}: every patch is flat (SD 0 after min-max scaling)")
     print(f"training set {path}: {len(img)} patches, mean {mean:.3f}, sd {sd:.3f}; device {device}", flush=True)
-    images = torch.empty((len(img), 1, PATCH, PATCH), dtype=torch.float32, device=device)
+    images = torch.empty((len(img), 1, config.PATCH_SIZE, config.PATCH_SIZE), dtype=torch.float32, device=device)
     for start in range(0, len(img), STATS_CHUNK):
         images[start:start + STATS_CHUNK] = torch.from_numpy(prepare_input(img[start:start + STATS_CHUNK], mean, sd))
     labels = torch.from_numpy(label[:, None]).to(device)
@@ -333,7 +333,7 @@ def predict_patches(model, patches, meta, device=None, batch_size=None):
     input run in channels-last memory layout, which oneDNN's convolutions take 1.4x faster on a CPU."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     batch_size = batch_size or (config.PREDICTION_BATCH_CPU if device.type == "cpu" else config.PREDICTION_BATCH_GPU)
-    out = np.empty((len(patches), PATCH, PATCH), np.float32)
+    out = np.empty((len(patches), config.PATCH_SIZE, config.PATCH_SIZE), np.float32)
     model.to(device, memory_format=torch.channels_last).eval()
     with torch.no_grad():
         for start in range(0, len(patches), batch_size):
