@@ -28,9 +28,9 @@ from utils import common, privacy  # noqa: E402
 from utils.audit import audit_paths  # noqa: E402
 
 TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, as in the paper's best model
-# The private GAN's epochs: two thirds of the non-private GAN's updates, what is left of the 20 minutes (a private
-# step costs 1.3x a plain one here). Under DP no recipe of the study switched its labels on within such budgets
-# (README), so more would not change the table, only the time.
+# The private GAN's epochs: two thirds of the non-private GAN's updates, so that it ends with the non-private one
+# it trains beside (a private step costs about 1.3x a plain one here). Under DP no recipe of the study switched its
+# labels on within such budgets (README), so more would not change the table, only the time.
 PRIVATE_EPOCHS = max(1, config.EPOCHS * 2 // 3)
 THRESH = config.THRESH
 
