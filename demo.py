@@ -12,6 +12,7 @@ cores (a GAN's small layers use one core well and two poorly), with their output
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,17 +60,21 @@ def run_stage(first, total, stage):
     running = []
     start = time.time()
     for head, title, args in todo:
-        log = logs / (title.replace(" ", "_").replace("/", "_") + ".log")
+        log = logs / (re.sub(r"[^A-Za-z0-9.-]+", "_", title).strip("_") + ".log")
         print(f"{head} ... (side by side, {threads} thread(s); output in {log})", flush=True)
         with open(log, "w") as out:
             running.append((head, log, subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
                                                         stderr=subprocess.STDOUT)))
     failed = None
-    for head, log, process in running:
-        if process.wait() != 0:
-            failed = failed or (head, log, process.returncode)
-        else:
-            print(f"{head}: finished in {time.time() - start:.0f} s", flush=True)
+    while running:  # report each step when it ends, in whatever order
+        time.sleep(1)
+        for item in [r for r in running if r[2].poll() is not None]:
+            running.remove(item)
+            head, log, process = item
+            if process.returncode != 0:
+                failed = failed or (head, log, process.returncode)
+            else:
+                print(f"{head}: finished in {time.time() - start:.0f} s", flush=True)
     if failed:
         head, log, code = failed
         print(f"{head}: FAILED (exit {code}); the end of {log}:", flush=True)

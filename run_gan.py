@@ -72,6 +72,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def generator_update(trial, args):
+    """n_discr critic iterations, then one generator step (benchmarks/bench_gan_update.py times this)."""
+    real = trial.real_batch()
+    for i in range(args.n_discr):
+        if i > 0 and args.dp_mode == "strict":
+            real = trial.real_batch()  # strict: a fresh Poisson batch per critic iteration; paper: reuse
+        trial.critic_step(real, trial.fake_batch())  # clipped + noised + accounted when private
+    trial.generator_step()  # post-processing: the critic's per-sample hooks are off
+
+
 @script_main
 def main(argv=None):
     print_setup("run_gan.py")
@@ -85,12 +95,7 @@ def main(argv=None):
         trial.begin_epoch(epoch)
         bar = tqdm(range(trial.updates_per_epoch), desc=f"epoch {epoch}", unit="update", leave=False)
         for update in bar:
-            real = trial.real_batch()
-            for i in range(args.n_discr):
-                if i > 0 and args.dp_mode == "strict":
-                    real = trial.real_batch()  # strict: a fresh Poisson batch per critic iteration; paper: reuse
-                trial.critic_step(real, trial.fake_batch())  # clipped + noised + accounted when private
-            trial.generator_step()  # post-processing: the critic's per-sample hooks are off
+            generator_update(trial, args)
             if update % PROGRESS_EVERY == 0:
                 bar.set_postfix(trial.progress())
         bar.close()

@@ -346,7 +346,8 @@ def average_real_gradients_by_patient(optimizer, n_real, k):
 def dp_diagnostics(critic, optimizer):
     """After the DP optimizer's pre_step: tensor [median per-sample gradient norm before clipping, fraction of
     samples clipped, ||noise|| / ||clipped sum||]. The noise is read back from p.grad = (clipped sum + noise) / B.
-    Internal: computed on training samples without noise. A tensor, so that a GPU is not synchronised per step."""
+    Internal: computed on training samples without noise. A tensor on the critic's device, so that a GPU is not
+    synchronised per step."""
     if isinstance(critic, GradSampleModuleFastGradientClipping):
         norms = critic.per_sample_gradient_norms
     else:
@@ -356,8 +357,8 @@ def dp_diagnostics(critic, optimizer):
     noise_sq = sum((p.grad * scale - p.summed_grad).square().sum() for p in optimizer.params)
     ratio = torch.where(signal_sq > 0, (noise_sq / signal_sq).sqrt(), torch.inf)  # no signal at all: inf
     if len(norms) == 0:
-        return torch.tensor([float("nan"), float("nan"), float("inf")])
-    return torch.stack([norms.median(), (norms > optimizer.max_grad_norm).float().mean(), ratio]).detach().float().cpu()
+        return torch.tensor([float("nan"), float("nan"), float("inf")], device=norms.device)
+    return torch.stack([norms.median(), (norms > optimizer.max_grad_norm).float().mean(), ratio]).detach().float()
 
 
 def paper_critic_step(critic, optimizer, real, fake, clip_param_w):
@@ -627,17 +628,23 @@ class GanTrial:
 
     def begin_epoch(self, epoch):
         self.epoch, self.started = epoch, time.time()
-        self.sums = dict(real=0.0, n_real=0, fake=0.0, n_fake=0, loss_g=0.0, n_g=0)
+        # Running sums and finiteness stay tensors on the device: reading one back (.item(), bool()) would make a
+        # GPU wait for every step. They are read every PROGRESS_EVERY updates (check_finite, progress) and at the
+        # epoch's end.
+        zero = torch.zeros((), device=self.device)
+        self.sums = dict(real=zero, n_real=0, fake=zero, n_fake=0, loss_g=zero, n_g=0)
+        self.finite = {what: torch.ones((), dtype=torch.bool, device=self.device)
+                       for what in ("critic loss", "generator loss")}
         self.diagnostics = []
 
     def critic_step(self, real, fake):
         real_scores, fake_scores, diagnostics = self.critic_step_fn(self.d, self.opt_d, real, fake, self.weight_clip)
         if diagnostics is not None:
             self.diagnostics.append(diagnostics)
-        self._check_finite("critic loss", torch.cat([real_scores, fake_scores]))
-        self.sums["real"] += real_scores.sum().item()
+        self.finite["critic loss"] &= torch.isfinite(torch.cat([real_scores, fake_scores])).all()
+        self.sums["real"] = self.sums["real"] + real_scores.sum()
         self.sums["n_real"] += len(real_scores)
-        self.sums["fake"] += fake_scores.sum().item()
+        self.sums["fake"] = self.sums["fake"] + fake_scores.sum()
         self.sums["n_fake"] += len(fake_scores)
 
     def generator_step(self):
@@ -645,18 +652,23 @@ class GanTrial:
                                 **self.step_options)
         if self.generator_ema is not None:
             update_ema(self.generator_ema, self.generator, self.args.ema)
-        self._check_finite("generator loss", scores)
-        self.sums["loss_g"] += -scores.mean().item()
+        self.finite["generator loss"] &= torch.isfinite(scores).all()
+        self.sums["loss_g"] = self.sums["loss_g"] - scores.mean()
         self.sums["n_g"] += 1
         self.generator_updates += 1
 
-    def _check_finite(self, what, values):
-        if torch.isfinite(values).all():
+    def check_finite(self):
+        """Stop (PipelineError) if a critic or generator loss since the epoch began was not finite."""
+        for what, finite in self.finite.items():
+            self._stop_unless(bool(finite), what)
+
+    def _stop_unless(self, finite, what):
+        if finite:
             return
         last = self.epoch - 1
         kept = (f"the last good checkpoint is {checkpoint_path(self.args.trial, last)} (epoch {last})" if last >= 0
                 else f"no checkpoint was written (delete {self.model_dir} and {self.results_dir} to start again)")
-        raise PipelineError(f"epoch {self.epoch}, generator update {self.generator_updates}: the {what} is not "
+        raise PipelineError(f"epoch {self.epoch}, by generator update {self.generator_updates}: the {what} is not "
                             f"finite; training stopped and {kept}. Lower --lrd/--lrg or change --seed.")
 
     def parameters(self):
@@ -665,8 +677,8 @@ class GanTrial:
     def epoch_means(self):
         s = self.sums
         d_real, d_fake = s["real"] / max(s["n_real"], 1), s["fake"] / max(s["n_fake"], 1)
-        means = dict(loss_d=d_fake - d_real, loss_g=s["loss_g"] / max(s["n_g"], 1), wasserstein=d_real - d_fake,
-                     d_real=d_real, d_fake=d_fake)
+        means = {k: float(v) for k, v in dict(loss_d=d_fake - d_real, loss_g=s["loss_g"] / max(s["n_g"], 1),
+                                              wasserstein=d_real - d_fake, d_real=d_real, d_fake=d_fake).items()}
         steps = torch.stack(self.diagnostics) if self.diagnostics else torch.full((1, 3), float("nan"))
         # nanmedian/nanmean: an empty Poisson batch has no per-sample norms
         values = [steps[:, 0].nanmedian(), steps[:, 1].nanmean(), steps[:, 2][steps[:, 2].isfinite()].mean()]
@@ -695,6 +707,7 @@ class GanTrial:
         return values + (privacy.epsilon_from_history(valid, self.delta, "prv"),) if prv else values
 
     def progress(self):
+        self.check_finite()
         means = self.epoch_means()
         counted, valid = self.epsilon()
         shown = {"eps": f"{valid:.3f}"} if self.args.dp_mode == "strict" else \
@@ -709,7 +722,9 @@ class GanTrial:
     def end_epoch(self):
         epoch = self.epoch
         # The last update may have broken a network without any loss showing it yet: never save that.
-        self._check_finite("network weights", torch.cat([p.detach().flatten() for p in self.parameters()]))
+        self.check_finite()
+        self._stop_unless(bool(torch.isfinite(torch.cat([p.detach().flatten() for p in self.parameters()])).all()),
+                          "network weights")
         epsilon, epsilon_valid, epsilon_prv = self.epsilon(prv=True)
         row = {"epoch": epoch, **self.epoch_means(), "epsilon": epsilon, "epsilon_valid": epsilon_valid,
                "epsilon_valid_prv": epsilon_prv, "steps": self.accounted_steps(), "seconds": time.time() - self.started}

@@ -1,0 +1,93 @@
+"""Whole generator updates of the paper's model (run_gan.generator_update: Poisson batch gathering, fake batches,
+n_discr critic steps, the generator step, bookkeeping), private (strict, noise 1) and non-private, timed in one
+process on random patches, and the paper's 50-epoch schedule (64,050 updates: 41,000 patches, batch 32)
+projected from the measured rate.
+
+    python benchmarks/bench_gan_update.py                        # paper model, batch 32, n_discr 5; JSON last
+    python benchmarks/bench_gan_update.py --ndf 16 --ngf 8 --updates 5 --device auto
+On a 2-core CPU one private update of the paper's model takes minutes: the default times 2 updates of each kind
+after one warm-up update.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import config  # noqa: E402
+import run_gan  # noqa: E402
+from utils.common import patches_path, resolve_device  # noqa: E402
+from utils.gan import GanTrial  # noqa: E402
+
+PAPER_UPDATES = 50 * round(41_000 / 32)  # 64,050
+
+
+def write_random_patches(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    path = patches_path("train")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, img=rng.normal(100, 20, (n, size, size)).astype(np.float32),
+             label=(rng.random((n, size, size)) < 0.02).astype(np.uint8), patient=np.array(["p0"] * n),
+             centre=np.zeros((n, 3), np.int32))
+
+
+def time_updates(flags, updates, device):
+    """Median seconds per generator update after one warm-up update."""
+    args = run_gan.parse_args(["--trial", flags[0], *flags[1:]])
+    trial = GanTrial(args)
+    trial.begin_epoch(0)
+    times = []
+    for i in range(updates + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run_gan.generator_update(trial, args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    trial.check_finite()
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ndf", type=int, default=96)
+    p.add_argument("--ngf", type=int, default=96)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--n_discr", type=int, default=5)
+    p.add_argument("--updates", type=int, default=2, help="timed updates of each kind (after one warm-up)")
+    p.add_argument("--n_patches", type=int, default=2000, help="random patches to sample from")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, ...")
+    p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE)
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    common = ["--ndf", str(args.ndf), "--ngf", str(args.ngf), "--batch_size", str(args.batch_size), "--n_discr",
+              str(args.n_discr), "--device", str(device), "--grad_sample_mode", args.grad_sample_mode]
+    with tempfile.TemporaryDirectory() as tmp:
+        config.DATA_DIR, config.WORK_DIR = Path(tmp) / "data", Path(tmp) / "work"
+        write_random_patches(args.n_patches, config.PATCH_SIZE)
+        plain = time_updates(["plain", "--noisem", "inf", *common], args.updates, device)
+        private = time_updates(["private", "--noisem", "1", *common], args.updates, device)
+    print(f"device: {name}; model ndf {args.ndf} ngf {args.ngf}, batch {args.batch_size}, n_discr {args.n_discr}, "
+          f"engine {args.grad_sample_mode}")
+    for label, seconds in (("non-private", plain), ("private (strict)", private)):
+        print(f"{label}: {seconds:.3f} s per generator update, {1 / seconds:.3f} updates/s; the paper's "
+              f"{PAPER_UPDATES:,} updates: {seconds * PAPER_UPDATES / 3600:.1f} h")
+    print(json.dumps({"device": name, "seconds_per_update_private": round(private, 4),
+                      "seconds_per_update_plain": round(plain, 4), "ratio": round(private / plain, 3),
+                      "projected_hours_private": round(private * PAPER_UPDATES / 3600, 2),
+                      "projected_hours_plain": round(plain * PAPER_UPDATES / 3600, 2)}))
+
+
+if __name__ == "__main__":
+    main()
