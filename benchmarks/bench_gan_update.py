@@ -14,13 +14,14 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_critic_step import timed  # noqa: E402  (this folder: the same timing as the critic benchmark)
 
 import config  # noqa: E402
 import run_gan  # noqa: E402
@@ -44,18 +45,9 @@ def time_updates(flags, updates, device):
     args = run_gan.parse_args(["--trial", flags[0], *flags[1:]])
     trial = GanTrial(args)
     trial.begin_epoch(0)
-    times = []
-    for i in range(updates + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run_gan.generator_update(trial, args)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
+    times = [timed(lambda: run_gan.generator_update(trial, args), device) for _ in range(updates + 1)]
     trial.check_finite()
-    return statistics.median(times)
+    return statistics.median(times[1:])  # the first warms up
 
 
 def main(argv=None):
