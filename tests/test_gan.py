@@ -461,6 +461,11 @@ def test_dcgan_recipe_at_another_patch_size_trains_and_synthesises_pairs_of_that
     generate_samples.main(["--trial", "t", "--epoch", "0", "--n_samples", "5"])
     with np.load(synthetic_path("t", 0, 0.8)) as pairs:
         assert pairs["img"].shape == pairs["label"].shape == (5, 48, 48, 1)
+    monkeypatch.setattr(config, "PATCH_SIZE", 64)
+    write_patches(size=64)
+    err = expect_error(capsys, "--epochs", "2", "--resume", "--arch", "dcgan", "--ngf", "2", "--ndf", "4", "--noisem",
+                       "1", "--diffaugment")
+    assert "config.PATCH_SIZE 64 (the trial has 48)" in err
 
 
 @pytest.mark.parametrize("mode", [m for m in gan.GRAD_SAMPLE_MODES if m != "hooks"])

@@ -586,6 +586,9 @@ class GanTrial:
         stored = load_json(config_path, "trial config")
         different = [f"--{k} {v!r} (the trial has {stored['args'].get(k)!r})" for k, v in vars(self.args).items()
                      if k not in RESUMABLE_CHANGES and stored["args"].get(k) != v]
+        stored_size = stored.get("config", {}).get("PATCH_SIZE", PATCH)
+        if stored_size != config.PATCH_SIZE:
+            different.append(f"config.PATCH_SIZE {config.PATCH_SIZE} (the trial has {stored_size})")
         if stored.get("n_samples") != self.n_samples:
             different.append(f"the patches file now has {self.n_samples} patches (the trial had {stored['n_samples']})")
         if different:
