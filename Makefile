@@ -1,11 +1,12 @@
 # make test: set up .venv (Python 3.11) and run lint + tests.  make demo: the whole pipeline, small, on the CPU.
+# make utility: the demo's steps with the recipe of presets/utility.py (about 45 min); outputs in utility_work/.
 # make curve: a small privacy-utility curve (presets/curve.py, sweep.py) on the CPU; outputs in curve_work/.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: test demo lint curve
+.PHONY: test demo lint curve utility
 CURVE := DPGAN_PRESET=curve DPGAN_DATA_DIR=demo_data DPGAN_WORK_DIR=curve_work
 CURVE_JOBS ?= 2
 
@@ -23,6 +24,9 @@ test: $(STAMP) lint
 
 demo: $(STAMP)
 	$(PY) demo.py
+
+utility: $(STAMP)
+	DPGAN_PRESET=utility DPGAN_DATA_DIR=demo_data DPGAN_WORK_DIR=utility_work $(PY) demo.py
 
 curve: $(STAMP)
 	$(CURVE) $(PY) make_phantoms.py

@@ -4,7 +4,8 @@ Runs the real scripts with the demo preset (DPGAN_PRESET=demo) in demo_data/ and
 phantoms -> patches -> a non-private and a private DP-WGAN -> synthetic sets (and their release bundles) ->
 membership-inference audit of each set and of a copy of the training patches (the positive control) -> U-Nets
 on real and on each synthetic set -> evaluation -> one side-by-side table. A step whose output exists is skipped, so
-running it again reuses what is there (delete demo_work/ to start over).
+running it again reuses what is there (delete demo_work/ to start over). `make utility` runs the same steps with
+presets/utility.py (a longer recipe; outputs in utility_work/), its trials named after the preset.
 
 Steps that do not depend on each other (the two GANs; the U-Nets) run side by side, each on its share of the
 cores (a GAN's small layers use one core well and two poorly), with their output in demo_work/logs/.
@@ -93,14 +94,15 @@ def gan_args(trial, noisem, epochs):
 
 
 def main():
-    common.print_setup("demo")
+    common.print_setup("demo")  # `make utility` runs this with DPGAN_PRESET=utility
     n_train = config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT
     noisem = privacy.noise_for_target_epsilon(TARGET_EPSILON, PRIVATE_EPOCHS, config.BATCH_SIZE, n_train,
                                               config.N_DISCR, "strict")
     noisem = math.ceil(noisem * 100) / 100  # a round number that still meets the target
     print(f"private GAN: noise multiplier {noisem} gives a strict epsilon <= {TARGET_EPSILON} after "
           f"{PRIVATE_EPOCHS} epochs (python -m utils.privacy --target_epsilon {TARGET_EPSILON} ...)", flush=True)
-    trials = {"demo_nonprivate": (math.inf, config.EPOCHS), "demo_private": (noisem, PRIVATE_EPOCHS)}
+    trials = {f"{config.PRESET}_nonprivate": (math.inf, config.EPOCHS),
+              f"{config.PRESET}_private": (noisem, PRIVATE_EPOCHS)}
     select = {t: ["--trial", t, "--epoch", str(epochs - 1), "--thresh", str(THRESH)] for t, (_, epochs) in
               trials.items()}
     names = {t: common.synthetic_name(t, epochs - 1, THRESH) for t, (_, epochs) in trials.items()}
