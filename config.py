@@ -49,6 +49,9 @@ BETA1 = 0.5
 EMA = 0.0  # decay of an exponential moving average of the generator's weights (0: off); synthesis samples it
 DIFFAUGMENT = False  # DiffAugment (flips, translation) of real and generated pairs before the critic
 LABEL_SCALE = "01"  # real labels as 0/1 (the paper) or "pm1": -1/1, the range of the generator's output
+# A public warm start (--init_from): a run_gan.py checkpoint of a run on data that is NOT the patients' (a public
+# dataset). Its generator and critic are where training starts; epsilon covers this run's training data only.
+INIT_FROM = None
 BATCH_SIZE = 32
 N_DISCR = 5
 EPOCHS = 50

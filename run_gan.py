@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--audit_canaries", type=int, default=0, metavar="M",
                    help="privacy audit (audit_privacy.py --canaries): make M canary patches and train on each with "
                         "probability 1/2; such a run's data are never released (0: off)")
+    p.add_argument("--init_from", default=config.INIT_FROM, metavar="CHECKPOINT",
+                   help="start the generator and critic from this run_gan.py checkpoint (epoch_<e>.pth) of a run on "
+                        "PUBLIC data (not these patients'): epsilon covers this run's training data only")
     add_device_arg(p)
     p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE,
                    help=f"Opacus per-sample gradient engine: one of {', '.join(GRAD_SAMPLE_MODES)}")

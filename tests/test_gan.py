@@ -485,3 +485,39 @@ def test_every_engine_gives_the_reference_update_with_the_same_noise_draw(mode):
         gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss="ns")
         updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)]))
     torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_starts_both_networks_from_a_public_checkpoint_and_accounts_exactly_as_a_cold_start(work, capsys):
+    from utils.common import file_sha256
+
+    train("--trial", "public", "--noisem", "inf", "--epochs", "1", "--seed", "5")
+    public = gan.checkpoint_path("public", 0)
+    saved = gan.load_checkpoint(public)
+    args = run_gan.parse_args(["--trial", "warm", "--epochs", "1", "--init_from", str(public)])
+    warm = gan.GanTrial(args)
+    for name, net in (("generator", warm.generator), ("discriminator", warm.critic)):
+        assert all(torch.equal(v, saved[name][k]) for k, v in net.state_dict().items()), name
+    cold = train("--trial", "cold", "--epochs", "1")
+    assert not all(torch.equal(v, saved["generator"][k]) for k, v in cold.generator.state_dict().items())
+    stored = json.loads((gan_results_dir("warm") / "config.json").read_text())
+    assert stored["init_sha256"] == file_sha256(public) and stored["args"]["init_from"] == str(public)
+    warm = train("--trial", "warm2", "--epochs", "1", "--init_from", str(public))
+    # The public start changes where training begins, not what is sampled, clipped, noised or counted.
+    assert warm.engine.accountant.history == cold.engine.accountant.history
+    assert log_rows("warm2")[0]["epsilon_valid"] == log_rows("cold")[0]["epsilon_valid"]
+    public.unlink()  # resuming reads the trial's own checkpoint, not the public one
+    resumed = train("--trial", "warm2", "--epochs", "2", "--resume", "--init_from", str(public))
+    assert resumed.start_epoch == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--init_from", "nowhere.pth"], "--init_from nowhere.pth: no such checkpoint"),
+    (["--ndf", "4"], "its networks differ from this run's: ndf 2 (this run: 4)"),
+])
+def test_init_from_a_missing_or_different_checkpoint_is_refused_before_anything_is_written(work, capsys, flags,
+                                                                                             message):
+    train("--trial", "public", "--noisem", "inf", "--epochs", "1", "--ndf", "2")
+    public = str(gan.checkpoint_path("public", 0))
+    err = expect_error(capsys, "--init_from", public, *flags)
+    assert message in err
+    assert not gan_results_dir("t").exists() and not gan_model_dir("t").exists()

@@ -96,3 +96,18 @@ def test_missing_accountant_checkpoint_is_a_clear_error(work):
     checkpoint_path("p", 1).unlink()
     with pytest.raises(PipelineError, match="epoch_1.pth"):
         release.trial_privacy("p", {"args": {"noisem": 1.0}}, 1)
+
+
+def test_a_warm_started_run_names_its_public_checkpoint_and_the_assumption_its_epsilon_rests_on(work):
+    from utils.common import file_sha256
+
+    run_gan.main(["--trial", "public", "--noisem", "inf", "--epochs", "1"])
+    public = checkpoint_path("public", 0)
+    folder, log = release_after_training("warm", "--noisem", "1.0", "--init_from", str(public))
+    statement = json.loads((folder / "privacy.json").read_text())
+    assert statement["initialised_from"]["sha256"] == file_sha256(public)
+    assert "public data" in statement["initialised_from"]["assumption"]
+    assert statement["epsilon"] == pytest.approx(log[-1]["epsilon_valid"], rel=1e-9)
+    assert f"Warm start: {release.PUBLIC_INIT_ASSUMPTION}" in (folder / "README.txt").read_text()
+    cold, _ = release_after_training("cold", "--noisem", "1.0")
+    assert "initialised_from" not in json.loads((cold / "privacy.json").read_text())

@@ -27,6 +27,7 @@ import secrets
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from utils.common import (
     PipelineError,
     atomic_write,
     config_values,
+    file_sha256,
     gan_model_dir,
     gan_results_dir,
     load_json,
@@ -72,7 +74,7 @@ OPTIMIZERS = ("rmsprop", "adam")
 # Flags that may change when a trial is resumed: they do not change what is trained or how it is accounted.
 RESUMABLE_CHANGES = ("resume", "epochs", "device", "grad_sample_mode")
 # Flags newer than some trials, with the value those trials ran with (absent from their config.json).
-FLAGS_ADDED_LATER = {"audit_canaries": 0}
+FLAGS_ADDED_LATER = {"audit_canaries": 0, "init_from": None}
 PROGRESS_EVERY = 20  # generator updates between refreshes of the progress bar's epsilon (~20 ms each)
 # Opacus registers full backward hooks on the critic's layers; the first layer's input (the data) needs no
 # gradient, which PyTorch reports on every run. It is expected and harmless here.
@@ -470,6 +472,27 @@ def restore_rng_states(states, sampler_generator, noise_generator):
     sampler_generator.set_state(states["sampler"])
 
 
+def start_from_public(generator, critic, path, margs):
+    """Load the generator (its EMA where the checkpoint has one) and the critic of a run_gan.py checkpoint trained
+    on PUBLIC data (--init_from): a warm start that costs no privacy only because that data is not the patients'.
+    The networks must be the same (model_args); the optimizers start afresh. Returns the checkpoint's sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"--init_from {path}: no such checkpoint (a run_gan.py epoch_<e>.pth of a run on public "
+                            f"data)")
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not {"generator", "discriminator", "model_args"} <= checkpoint.keys():
+        raise PipelineError(f"--init_from {path}: not a run_gan.py checkpoint (no generator, discriminator and "
+                            f"model_args)")
+    theirs = checkpoint["model_args"]
+    different = [f"{k} {theirs.get(k)!r} (this run: {v!r})" for k, v in margs.items() if theirs.get(k) != v]
+    if different:
+        raise PipelineError(f"--init_from {path}: its networks differ from this run's: {'; '.join(different)}")
+    generator.load_state_dict(checkpoint["generator_ema"] or checkpoint["generator"])
+    critic.load_state_dict(checkpoint["discriminator"])
+    return file_sha256(path)
+
+
 # ---- one training run ----
 class GanTrial:
     """Everything one trial's training loop needs: networks, optimizers, privacy engine, sampler and outputs."""
@@ -515,6 +538,9 @@ class GanTrial:
         self.generator, self.critic = build_networks(self.model_args)
         self.start_epoch, self.generator_updates, self.log_rows = 0, 0, []
         self._check_trial_folders()  # nothing is written before this point
+        # A public warm start: on --resume the trial's own checkpoint overrides it, so it is read only at the start.
+        self.init_sha256 = start_from_public(self.generator, self.critic, args.init_from, self.model_args) if (
+            args.init_from and not args.resume) else None
 
         self.sampler_generator, self.noise_generator = seed_generators(args.seed, args.secure_rng, self.device)
         self.fixed_noise = torch.randn(N_FIXED_SAMPLES, config.LATENT_DIM,
@@ -654,7 +680,7 @@ class GanTrial:
                    "n_samples": self.n_samples, "delta": self.delta, "sample_rate": self.sample_rate,
                    "updates_per_epoch": self.updates_per_epoch, "patches_per_patient_max": self.patient_group,
                    "privacy_unit": self.args.privacy_unit, "n_units": self.n_units, "n_accounted": self.n_accounted,
-                   "seeded": not self.args.secure_rng})
+                   "seeded": not self.args.secure_rng, "init_sha256": self.init_sha256})
         if self.canaries is not None:
             save_canaries(canaries_path(self.results_dir), self.canaries)
         self.model_dir.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def trial_privacy(trial, trial_config, epoch):
            "patches_per_patient_max": trial_config.get("patches_per_patient_max", config.PATCHES_PER_PATIENT),
            "privacy_unit": trial_config.get("privacy_unit", "patch"),
            "n_units": trial_config.get("n_units", trial_config.get("n_samples")),
-           "audit_canaries": args.get("audit_canaries", 0)}
+           "audit_canaries": args.get("audit_canaries", 0), "init_sha256": trial_config.get("init_sha256")}
     if math.isinf(noisem):
         return {**out, "epsilon": math.inf, "epsilon_valid": math.inf, "epsilon_valid_prv": math.inf, "steps": 0}
     counted = [tuple(h) for h in accountant["history"]]
@@ -76,6 +76,11 @@ def canary_refusal(trial, trial_config):
     return (f"no release bundle: trial {trial!r} was trained with {m} audit canaries (run_gan.py --audit_canaries), "
             f"so its training set is not the patients' data; its synthetic set serves audit_privacy.py --canaries "
             f"only. Train without --audit_canaries for data to release.")
+
+
+PUBLIC_INIT_ASSUMPTION = ("the generator and critic started from a checkpoint trained on public data (run_gan.py "
+                          "--init_from); epsilon covers this run's training data only and holds only if no patient of "
+                          "this run contributed to that checkpoint's data")
 
 
 def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, selection):
@@ -103,6 +108,8 @@ def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, s
         "n_synthetic_pairs": n_pairs, "seeded": p["seeded"],
         "versions": {k: v for k, v in versions().items() if k in ("torch", "opacus")},
     }
+    if p["init_sha256"]:
+        statement["initialised_from"] = {"sha256": p["init_sha256"], "assumption": PUBLIC_INIT_ASSUMPTION}
     if not private:
         statement["guarantee"] = "none: this set comes from a non-private GAN (no clipping, no noise)"
     if p["dp_mode"] == "paper" and private:
@@ -131,6 +138,8 @@ def readme_text(set_name, statement, trial):
     not_covered = ("Several patients together: for a group of g patients, epsilon grows about g-fold." if patient_level
                    else f"A patient. Each patient contributed up to {s['per_patient']['group_size']} patches; group "
                         f"privacy turns the\n    per-patch guarantee into: {s['per_patient']['statement']}.")
+    warm_start = (f"\n  Warm start: {PUBLIC_INIT_ASSUMPTION} (checkpoint sha256 {s['initialised_from']['sha256']})."
+                  if "initialised_from" in s else "")
     return f"""Synthetic TOF-MRA image-label pairs: {set_name}
 
 What is here (and nothing else):
@@ -154,7 +163,7 @@ How it was made:
   of epoch {s['epoch_released']} ({s['selection']['rule']}); the epsilon is that of epoch
   {s['selection']['privacy_of_epoch']}, the last epoch whose logged values the choice looked at.
   delta = 1 / number of training patches, the paper's choice; the usual advice is a delta well below 1 / N.
-  {seeded}
+  {seeded}{warm_start}
 """
 
 
