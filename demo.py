@@ -1,14 +1,16 @@
 """`make demo`: the whole experiment at a small scale on the CPU, one numbered step after another.
 
 Runs the real scripts with the demo preset (DPGAN_PRESET=demo) in demo_data/ and demo_work/:
-phantoms -> patches -> a non-private and a private DP-WGAN -> synthetic sets (and their release bundles) ->
+phantoms -> patches -> a non-private GAN on the training patches, and a GAN on "public" phantoms (other patients:
+they stand in for a public labelled dataset) -> the private GAN, started from the public one (run_gan.py
+--init_from) and trained with DP on the training patches -> synthetic sets (and their release bundles) ->
 membership-inference audit of each set and of a copy of the training patches (the positive control) -> U-Nets
 on real and on each synthetic set -> evaluation -> one side-by-side table. A step whose output exists is skipped, so
 running it again reuses what is there (delete demo_work/ to start over). `make utility` runs the same steps with
 presets/utility.py (a longer recipe; outputs in utility_work/), its trials named after the preset.
 
-Steps that do not depend on each other (the two GANs; the U-Nets) run side by side, each on its share of the
-cores (a GAN's small layers use one core well and two poorly), with their output in demo_work/logs/.
+Steps that do not depend on each other run side by side, each on its share of the cores (a GAN's small layers use
+one core well and two poorly), with their output in demo_work/logs/.
 """
 
 import math
@@ -17,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -30,42 +33,50 @@ from utils import common, privacy  # noqa: E402
 from utils.audit import audit_paths  # noqa: E402
 
 TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, as in the paper's best model
-# The private GAN's epochs: two thirds of the non-private GAN's updates, so that it ends with the non-private one
-# it trains beside (a private step costs about 1.3x a plain one here). Under DP no recipe of the study switched its
-# labels on within such budgets (README), so more would not change the table, only the time.
-PRIVATE_EPOCHS = max(1, config.EPOCHS * 2 // 3)
+# The private GAN's epochs: a third of the non-private GAN's, trained on from the public GAN. Started cold, no private
+# recipe of the study learned anything (README); started from public data, the DP steps adapt it to the patients,
+# and fewer of them need less noise for the same epsilon.
+PRIVATE_EPOCHS = max(1, config.EPOCHS // 3)
 THRESH = config.THRESH
 MEMORISER = common.patches_path("train").stem  # the audit's name of the training patches as a "synthetic set"
+# Public data: phantoms of another seed (other patients, none of the training, validation or test ones) stand in for
+# a public labelled TOF-MRA dataset. Epsilon covers the training patches only; it holds because these are public.
+PUBLIC_PHANTOM_SEED = config.PHANTOM_SEED + 1
+PUBLIC_TRIAL = f"{config.PRESET}_public"
+
+# One step of a stage: a script with its arguments, a test of whether its output exists (None: always run) and
+# environment variables that differ from the demo's (the public data's folders).
+Step = namedtuple("Step", "title args done env", defaults=(None, None))
 
 
 def run_stage(first, total, stage):
-    """Run the stage's steps (title, args, done) that are not done yet: one in the foreground, several side by
-    side with the cores shared out and their output in logs/. A failed step stops the demo with its log's end."""
-    heads = [f"[{first + i}/{total}] {title}" for i, (title, _, _) in enumerate(stage)]
+    """Run the stage's Steps that are not done yet: one in the foreground, several side by side with the cores
+    shared out and their output in logs/. A failed step stops the demo with its log's end."""
+    heads = [f"[{first + i}/{total}] {step.title}" for i, step in enumerate(stage)]
     todo = []
-    for head, (title, args, done) in zip(heads, stage):
-        if done is not None and done():
+    for head, step in zip(heads, stage):
+        if step.done is not None and step.done():
             print(f"{head}: done already, reused", flush=True)
         else:
-            todo.append((head, title, args))
+            todo.append((head, step))
     if len(todo) == 1:
-        head, _, args = todo[0]
+        head, step = todo[0]
         print(f"{head} ...", flush=True)
         start = time.time()
-        subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, *step.args], cwd=ROOT, env=dict(os.environ, **(step.env or {})), check=True)
         print(f"{head}: finished in {time.time() - start:.0f} s", flush=True)
         return
     threads = str(max(1, (os.cpu_count() or 1) // len(todo)))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     logs = config.WORK_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     running = []
     start = time.time()
-    for head, title, args in todo:
-        log = logs / (re.sub(r"[^A-Za-z0-9.-]+", "_", title).strip("_") + ".log")
+    for head, step in todo:
+        log = logs / (re.sub(r"[^A-Za-z0-9.-]+", "_", step.title).strip("_") + ".log")
         print(f"{head} ... (side by side, {threads} thread(s); output in {log})", flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **(step.env or {}))
         with open(log, "w") as out:
-            running.append((head, log, subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
+            running.append((head, log, subprocess.Popen([sys.executable, *step.args], cwd=ROOT, env=env, stdout=out,
                                                         stderr=subprocess.STDOUT)))
     failed = None
     while running:  # report each step when it ends, in whatever order
@@ -84,13 +95,85 @@ def run_stage(first, total, stage):
         raise SystemExit(code)
 
 
-def gan_done(trial, epochs):
-    return (common.gan_model_dir(trial) / f"epoch_{epochs - 1}.pth").is_file()
+def gan_done(trial, epochs, work_dir=None):
+    return checkpoint(trial, epochs - 1, work_dir).is_file()
 
 
-def gan_args(trial, noisem, epochs):
+def checkpoint(trial, epoch, work_dir=None):
+    return (Path(work_dir) / "models" / f"WGAN_{trial}" if work_dir else common.gan_model_dir(trial)) / \
+        f"epoch_{epoch}.pth"
+
+
+def gan_args(trial, noisem, epochs, work_dir=None):
+    results = Path(work_dir) / "results" / f"WGAN_{trial}" if work_dir else common.gan_results_dir(trial)
     args = ["run_gan.py", "--trial", trial, "--noisem", str(noisem), "--epochs", str(epochs)]
-    return args + ["--resume"] if common.gan_results_dir(trial).exists() else args
+    return args + ["--resume"] if results.exists() else args
+
+
+def public_env():
+    """The folders of the public data (beside the demo's): what differs in the environment of its steps."""
+    return {"DPGAN_DATA_DIR": str(config.DATA_DIR.with_name(config.DATA_DIR.name + "_public")),
+            "DPGAN_WORK_DIR": str(config.WORK_DIR / "public")}
+
+
+def demo_stages(noisem):
+    """The demo's stages, in order: lists of Steps that may run side by side."""
+    public = public_env()
+    public_work = public["DPGAN_WORK_DIR"]
+    public_start = checkpoint(PUBLIC_TRIAL, config.EPOCHS - 1, public_work)
+    private, nonprivate = f"{config.PRESET}_private", f"{config.PRESET}_nonprivate"
+    trials = {nonprivate: (math.inf, config.EPOCHS), private: (noisem, PRIVATE_EPOCHS)}
+    select = {t: ["--trial", t, "--epoch", str(epochs - 1), "--thresh", str(THRESH)] for t, (_, epochs) in
+              trials.items()}
+    names = {t: common.synthetic_name(t, epochs - 1, THRESH) for t, (_, epochs) in trials.items()}
+
+    def gan(trial, env=None):
+        sigma, epochs = trials[trial] if trial in trials else (math.inf, config.EPOCHS)
+        args = gan_args(trial, sigma, epochs, env and public_work)
+        if trial == private:
+            args += ["--init_from", str(public_start)]
+        origin = " from the public GAN" if trial == private else " on public phantoms" if env else ""
+        return Step(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs{origin})", args,
+                    lambda: gan_done(trial, epochs, env and public_work), env)
+
+    def synthesis_and_audit(trial):
+        epochs = trials[trial][1]
+        return [[Step(f"synthetic pairs of {trial}", ["generate_samples.py", *select[trial]],
+                      lambda: common.synthetic_path(trial, epochs - 1, THRESH).is_file())],
+                [Step(f"privacy audit of {trial}'s pairs", ["audit_privacy.py", *select[trial]],
+                      lambda: audit_paths(names[trial])[0].is_file())]]
+
+    def unets(name, flags):
+        return Step(f"U-Nets on {name}", ["run_unet.py", *flags])
+
+    def phantoms_done(data_dir, splits):
+        return lambda: all((Path(data_dir) / s / f"{config.PATIENT_IDS[s][-1]}_mask.nii.gz").is_file() for s in splits)
+
+    public_patches = Path(public_work) / "patches" / common.patches_path("train").name
+    sets = [("real", ["--real"])] + [(names[t], select[t]) for t in trials]
+    stages = [[Step("synthetic TOF-MRA phantoms", ["make_phantoms.py"], phantoms_done(config.DATA_DIR, config.SPLITS))],
+              [Step("public phantoms (other patients; they stand in for a public dataset)",
+                    ["make_phantoms.py", "--splits", "train", "--seed", str(PUBLIC_PHANTOM_SEED)],
+                    phantoms_done(public["DPGAN_DATA_DIR"], ["train"]), public)],
+              [Step("training patches", ["extract_patches.py", "--split", "train"],
+                    lambda: common.patches_path("train").is_file())],
+              [Step("public patches", ["extract_patches.py", "--split", "train"], public_patches.is_file, public)],
+              [Step("test patches (for FID)", ["extract_patches.py", "--split", "test"],
+                    lambda: common.patches_path("test").is_file())],
+              [gan(nonprivate), gan(PUBLIC_TRIAL, public)],
+              *synthesis_and_audit(nonprivate),
+              # the DP steps start from the public GAN; the real-data U-Net trains beside them
+              [gan(private), unets(*sets[0])],
+              *synthesis_and_audit(private),
+              # positive control of the audit: a "synthetic set" that is a copy of the training patches must be caught
+              [Step("privacy audit of a copy of the training patches (positive control)",
+                    ["audit_privacy.py", "--synthetic", str(common.patches_path("train"))],
+                    lambda: audit_paths(MEMORISER)[0].is_file())],
+              [unets(*sets[1]), unets(*sets[2])]]
+    stages += [[Step(f"evaluation of {name}", ["eval_unet.py", *flags],
+                     lambda n=name: common.result_paths(n)[1].is_file())] for name, flags in sets]
+    stages.append([Step("comparison table and figures", ["compare_results.py"])])
+    return stages
 
 
 def main():
@@ -100,36 +183,9 @@ def main():
                                               config.N_DISCR, "strict")
     noisem = math.ceil(noisem * 100) / 100  # a round number that still meets the target
     print(f"private GAN: noise multiplier {noisem} gives a strict epsilon <= {TARGET_EPSILON} after "
-          f"{PRIVATE_EPOCHS} epochs (python -m utils.privacy --target_epsilon {TARGET_EPSILON} ...)", flush=True)
-    trials = {f"{config.PRESET}_nonprivate": (math.inf, config.EPOCHS),
-              f"{config.PRESET}_private": (noisem, PRIVATE_EPOCHS)}
-    select = {t: ["--trial", t, "--epoch", str(epochs - 1), "--thresh", str(THRESH)] for t, (_, epochs) in
-              trials.items()}
-    names = {t: common.synthetic_name(t, epochs - 1, THRESH) for t, (_, epochs) in trials.items()}
-    stages = [[("synthetic TOF-MRA phantoms", ["make_phantoms.py"],
-                lambda: all((config.DATA_DIR / s / f"{config.PATIENT_IDS[s][-1]}_mask.nii.gz").is_file()
-                            for s in config.SPLITS))],
-              [("training patches", ["extract_patches.py", "--split", "train"],
-                lambda: common.patches_path("train").is_file())],
-              [("test patches (for FID)", ["extract_patches.py", "--split", "test"],
-                lambda: common.patches_path("test").is_file())],
-              [(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs)", gan_args(trial, sigma, epochs),
-                lambda t=trial, e=epochs: gan_done(t, e)) for trial, (sigma, epochs) in trials.items()]]
-    for trial, (_, epochs) in trials.items():
-        stages.append([(f"synthetic pairs of {trial}", ["generate_samples.py", *select[trial]],
-                        lambda t=trial, e=epochs: common.synthetic_path(t, e - 1, THRESH).is_file())])
-        stages.append([(f"privacy audit of {trial}'s pairs", ["audit_privacy.py", *select[trial]],
-                        lambda t=trial: audit_paths(names[t])[0].is_file())])
-    # positive control of the audit: a "synthetic set" that is a copy of the training patches must be caught
-    stages.append([("privacy audit of a copy of the training patches (positive control)",
-                    ["audit_privacy.py", "--synthetic", str(common.patches_path("train"))],
-                    lambda: audit_paths(MEMORISER)[0].is_file())])
-    sets = [("real", ["--real"])] + [(names[t], select[t]) for t in trials]
-    stages.append([(f"U-Nets on {name}", ["run_unet.py", *flags], None) for name, flags in sets[:2]])
-    stages.append([(f"U-Nets on {name}", ["run_unet.py", *flags], None) for name, flags in sets[2:]])
-    stages += [[(f"evaluation of {name}", ["eval_unet.py", *flags], lambda n=name: common.result_paths(n)[1].is_file())]
-               for name, flags in sets]
-    stages.append([("comparison table and figures", ["compare_results.py"], None)])
+          f"{PRIVATE_EPOCHS} epochs (python -m utils.privacy --target_epsilon {TARGET_EPSILON} ...), trained on "
+          f"from a GAN of public phantoms", flush=True)
+    stages = demo_stages(noisem)
     total = sum(len(stage) for stage in stages)
     start, first = time.time(), 1
     for stage in stages:

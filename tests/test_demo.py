@@ -1,0 +1,40 @@
+"""demo.py's plan: the private GAN starts from a GAN of public phantoms (other patients) and trains on the patches."""
+
+import importlib
+import math
+
+import config
+
+
+def load_demo(monkeypatch, dirs):
+    # demo.py sets default folders in the environment at import; keep them out of the other tests' subprocesses
+    for key, value in (("DPGAN_DATA_DIR", dirs[0]), ("DPGAN_WORK_DIR", dirs[1])):
+        monkeypatch.setenv(key, str(value))
+    return importlib.import_module("demo")
+
+
+def steps(stages):
+    return [(i, step) for i, stage in enumerate(stages) for step in stage]
+
+
+def test_private_gan_trains_the_patches_from_the_checkpoint_of_a_gan_on_other_patients(monkeypatch, dirs):
+    demo = load_demo(monkeypatch, dirs)
+    stages = demo.demo_stages(0.61)
+    gans = {step.args[2]: (i, step) for i, step in steps(stages) if step.args[0] == "run_gan.py"}
+    private, public = gans[f"{config.PRESET}_private"], gans[demo.PUBLIC_TRIAL]
+    assert public[0] < private[0]  # the public GAN has finished before the private one starts
+    args = private[1].args
+    assert args[args.index("--noisem") + 1] == "0.61" and args[args.index("--epochs") + 1] == str(demo.PRIVATE_EPOCHS)
+    start = args[args.index("--init_from") + 1]
+    assert start == str(dirs[1] / "public" / "models" / f"WGAN_{demo.PUBLIC_TRIAL}" / f"epoch_{config.EPOCHS - 1}.pth")
+    assert private[1].env is None  # DP training reads the demo's training patches
+    public_args = public[1].args
+    assert public[1].env == demo.public_env() and math.isinf(float(public_args[public_args.index("--noisem") + 1]))
+    assert public[1].env["DPGAN_DATA_DIR"] != str(config.DATA_DIR)
+    phantoms = [step for _, step in steps(stages) if step.args[0] == "make_phantoms.py"]
+    own, other = phantoms
+    assert own.env is None and other.env == demo.public_env()
+    assert other.args[other.args.index("--seed") + 1] == str(config.PHANTOM_SEED + 1)  # other patients
+    assert other.args[other.args.index("--splits") + 1] == "train"
+    nonprivate = gans[f"{config.PRESET}_nonprivate"][1]
+    assert "--init_from" not in nonprivate.args and nonprivate.env is None
