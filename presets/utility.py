@@ -1,5 +1,6 @@
-# `make utility`: the demo's steps with the recipe that taught a U-Net most in the recipe study (README, row np_m +
-# aug), on the demo's phantoms; about 45 minutes on a 2-core CPU (measured: README "The utility run").
+# `make utility`: the demo's steps (demo.py: the private GAN starts from a GAN of public phantoms) with the recipe
+# that taught a U-Net most in the recipe study (README, row np_m + aug), on the demo's phantoms; 48 minutes on a
+# 2-core CPU (measured: README "The utility run").
 _BASE = "demo"
 # A generator twice as wide, trained 16 epochs (6,000 updates): after about 4,000 it draws the bright scalp arc
 # with an empty label, which is what teaches its U-Net that the scalp is no vessel (np_l and np_m in the README).
