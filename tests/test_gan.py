@@ -487,11 +487,20 @@ def test_every_engine_gives_the_reference_update_with_the_same_noise_draw(mode):
     torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-5)
 
 
-def test_init_from_starts_both_networks_from_a_public_checkpoint_and_accounts_exactly_as_a_cold_start(work, capsys):
+def train_public(monkeypatch, work, *flags):
+    """A non-private GAN in another work folder (public data); returns its checkpoint of epoch 0."""
+    with monkeypatch.context() as m:
+        m.setattr(config, "WORK_DIR", work / "public")
+        write_patches(seed=1)
+        train("--trial", "public", "--noisem", "inf", "--epochs", "1", *flags)
+        return gan.checkpoint_path("public", 0)
+
+
+def test_init_from_starts_both_networks_from_a_public_checkpoint_and_accounts_exactly_as_a_cold_start(
+        work, capsys, monkeypatch):
     from utils.common import file_sha256
 
-    train("--trial", "public", "--noisem", "inf", "--epochs", "1", "--seed", "5")
-    public = gan.checkpoint_path("public", 0)
+    public = train_public(monkeypatch, work, "--seed", "5")
     saved = gan.load_checkpoint(public)
     args = run_gan.parse_args(["--trial", "warm", "--epochs", "1", "--init_from", str(public)])
     warm = gan.GanTrial(args)
@@ -514,10 +523,15 @@ def test_init_from_starts_both_networks_from_a_public_checkpoint_and_accounts_ex
     (["--init_from", "nowhere.pth"], "--init_from nowhere.pth: no such checkpoint"),
     (["--ndf", "4"], "its networks differ from this run's: ndf 2 (this run: 4)"),
 ])
-def test_init_from_a_missing_or_different_checkpoint_is_refused_before_anything_is_written(work, capsys, flags,
-                                                                                             message):
-    train("--trial", "public", "--noisem", "inf", "--epochs", "1", "--ndf", "2")
-    public = str(gan.checkpoint_path("public", 0))
+def test_init_from_a_missing_or_different_checkpoint_is_refused_before_anything_is_written(work, capsys, monkeypatch,
+                                                                                             flags, message):
+    public = str(train_public(monkeypatch, work, "--ndf", "2"))
     err = expect_error(capsys, "--init_from", public, *flags)
     assert message in err
     assert not gan_results_dir("t").exists() and not gan_model_dir("t").exists()
+
+
+def test_init_from_a_gan_trained_on_the_same_patients_is_refused(work, capsys):
+    train("--trial", "np", "--noisem", "inf", "--epochs", "1")  # a non-private GAN of this work folder's patches
+    err = expect_error(capsys, "--init_from", str(gan.checkpoint_path("np", 0)))
+    assert "trained on this work folder's patches" in err and not gan_results_dir("t").exists()

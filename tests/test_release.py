@@ -98,11 +98,11 @@ def test_missing_accountant_checkpoint_is_a_clear_error(work):
         release.trial_privacy("p", {"args": {"noisem": 1.0}}, 1)
 
 
-def test_a_warm_started_run_names_its_public_checkpoint_and_the_assumption_its_epsilon_rests_on(work):
+def test_a_warm_started_run_names_its_public_checkpoint_and_the_assumption_its_epsilon_rests_on(work, monkeypatch):
+    from tests.test_gan import train_public
     from utils.common import file_sha256
 
-    run_gan.main(["--trial", "public", "--noisem", "inf", "--epochs", "1"])
-    public = checkpoint_path("public", 0)
+    public = train_public(monkeypatch, work)
     folder, log = release_after_training("warm", "--noisem", "1.0", "--init_from", str(public))
     statement = json.loads((folder / "privacy.json").read_text())
     assert statement["initialised_from"]["sha256"] == file_sha256(public)

@@ -480,6 +480,10 @@ def start_from_public(generator, critic, path, margs):
     if not path.is_file():
         raise PipelineError(f"--init_from {path}: no such checkpoint (a run_gan.py epoch_<e>.pth of a run on public "
                             f"data)")
+    if path.resolve().parent.parent == (config.WORK_DIR / "models").resolve():
+        raise PipelineError(f"--init_from {path}: that GAN trained on this work folder's patches, the patients this "
+                            f"run protects; starting from it would spend privacy the accountant does not count (a "
+                            f"public start comes from a run in another work folder, on public data)")
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or not {"generator", "discriminator", "model_args"} <= checkpoint.keys():
         raise PipelineError(f"--init_from {path}: not a run_gan.py checkpoint (no generator, discriminator and "
