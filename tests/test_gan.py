@@ -535,3 +535,27 @@ def test_init_from_a_gan_trained_on_the_same_patients_is_refused(work, capsys):
     train("--trial", "np", "--noisem", "inf", "--epochs", "1")  # a non-private GAN of this work folder's patches
     err = expect_error(capsys, "--init_from", str(gan.checkpoint_path("np", 0)))
     assert "trained on this work folder's patches" in err and not gan_results_dir("t").exists()
+
+
+def test_init_from_a_gan_of_another_folder_trained_on_the_same_patches_is_refused(work, capsys, monkeypatch):
+    import shutil
+
+    ours = patches_path("train")
+    with monkeypatch.context() as m:
+        m.setattr(config, "WORK_DIR", work / "copy")
+        patches_path("train").parent.mkdir(parents=True)
+        shutil.copy(ours, patches_path("train"))
+        train("--trial", "np", "--noisem", "inf", "--epochs", "1")
+        same_patients = gan.checkpoint_path("np", 0)
+    err = expect_error(capsys, "--init_from", str(same_patients))
+    assert "trained on the same patches file as this run" in err and not gan_results_dir("t").exists()
+
+
+def test_init_from_starts_the_generator_and_its_average_from_the_public_average(work, monkeypatch):
+    public = train_public(monkeypatch, work, "--ema", "0.9")
+    saved = gan.load_checkpoint(public)
+    warm = gan.GanTrial(run_gan.parse_args(["--trial", "warm", "--epochs", "1", "--ema", "0.9",
+                                            "--init_from", str(public)]))
+    for net in (warm.generator, warm.generator_ema):
+        assert all(torch.equal(v, saved["generator_ema"][k]) for k, v in net.state_dict().items())
+    assert not all(torch.equal(v, saved["generator"][k]) for k, v in warm.generator.state_dict().items())

@@ -472,10 +472,12 @@ def restore_rng_states(states, sampler_generator, noise_generator):
     sampler_generator.set_state(states["sampler"])
 
 
-def start_from_public(generator, critic, path, margs):
-    """Load the generator (its EMA where the checkpoint has one) and the critic of a run_gan.py checkpoint trained
-    on PUBLIC data (--init_from): a warm start that costs no privacy only because that data is not the patients'.
-    The networks must be the same (model_args); the optimizers start afresh. Returns the checkpoint's sha256."""
+def start_from_public(generator, critic, path, margs, patches_sha256):
+    """Load the generator (its EMA where the checkpoint has one; the critic as trained) and the critic of a
+    run_gan.py checkpoint trained on PUBLIC data (--init_from): a warm start that costs no privacy only because that
+    data is not the patients'. Refused where the code can see otherwise (a checkpoint of this work folder, or of a
+    run whose config.json records these very patches: patches_sha256); a copy elsewhere it cannot see. The networks
+    must be the same (model_args); the optimizers start afresh. Returns the checkpoint's sha256."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"--init_from {path}: no such checkpoint (a run_gan.py epoch_<e>.pth of a run on public "
@@ -484,6 +486,11 @@ def start_from_public(generator, critic, path, margs):
         raise PipelineError(f"--init_from {path}: that GAN trained on this work folder's patches, the patients this "
                             f"run protects; starting from it would spend privacy the accountant does not count (a "
                             f"public start comes from a run in another work folder, on public data)")
+    source = path.resolve().parent.parent.parent / "results" / path.resolve().parent.name / "config.json"
+    if source.is_file() and load_json(source, "trial config").get("patches_sha256") == patches_sha256:
+        raise PipelineError(f"--init_from {path}: its run ({source}) trained on the same patches file as this run, the "
+                            f"patients this run protects; starting from it would spend privacy the accountant does "
+                            f"not count")
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or not {"generator", "discriminator", "model_args"} <= checkpoint.keys():
         raise PipelineError(f"--init_from {path}: not a run_gan.py checkpoint (no generator, discriminator and "
@@ -492,7 +499,7 @@ def start_from_public(generator, critic, path, margs):
     different = [f"{k} {theirs.get(k)!r} (this run: {v!r})" for k, v in margs.items() if theirs.get(k) != v]
     if different:
         raise PipelineError(f"--init_from {path}: its networks differ from this run's: {'; '.join(different)}")
-    generator.load_state_dict(checkpoint["generator_ema"] or checkpoint["generator"])
+    generator.load_state_dict(checkpoint.get("generator_ema") or checkpoint["generator"])
     critic.load_state_dict(checkpoint["discriminator"])
     return file_sha256(path)
 
@@ -543,8 +550,9 @@ class GanTrial:
         self.start_epoch, self.generator_updates, self.log_rows = 0, 0, []
         self._check_trial_folders()  # nothing is written before this point
         # A public warm start: on --resume the trial's own checkpoint overrides it, so it is read only at the start.
-        self.init_sha256 = start_from_public(self.generator, self.critic, args.init_from, self.model_args) if (
-            args.init_from and not args.resume) else None
+        self.patches_sha256 = file_sha256(patches_path("train"))
+        self.init_sha256 = start_from_public(self.generator, self.critic, args.init_from, self.model_args,
+                                             self.patches_sha256) if args.init_from and not args.resume else None
 
         self.sampler_generator, self.noise_generator = seed_generators(args.seed, args.secure_rng, self.device)
         self.fixed_noise = torch.randn(N_FIXED_SAMPLES, config.LATENT_DIM,
@@ -684,7 +692,8 @@ class GanTrial:
                    "n_samples": self.n_samples, "delta": self.delta, "sample_rate": self.sample_rate,
                    "updates_per_epoch": self.updates_per_epoch, "patches_per_patient_max": self.patient_group,
                    "privacy_unit": self.args.privacy_unit, "n_units": self.n_units, "n_accounted": self.n_accounted,
-                   "seeded": not self.args.secure_rng, "init_sha256": self.init_sha256})
+                   "seeded": not self.args.secure_rng, "init_sha256": self.init_sha256,
+                   "patches_sha256": self.patches_sha256})
         if self.canaries is not None:
             save_canaries(canaries_path(self.results_dir), self.canaries)
         self.model_dir.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,9 @@ def canary_refusal(trial, trial_config):
 
 PUBLIC_INIT_ASSUMPTION = ("the generator and critic started from a checkpoint trained on public data (run_gan.py "
                           "--init_from); epsilon covers this run's training data only and holds only if no patient of "
-                          "this run contributed to that checkpoint's data")
+                          "this run contributed to that checkpoint's data and neither the checkpoint nor its choice "
+                          "depended on this run's data; the public data get no protection (the generator may "
+                          "reproduce public images)")
 
 
 def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, selection):
@@ -140,6 +142,7 @@ def readme_text(set_name, statement, trial):
                         f"privacy turns the\n    per-patch guarantee into: {s['per_patient']['statement']}.")
     warm_start = (f"\n  Warm start: {PUBLIC_INIT_ASSUMPTION} (checkpoint sha256 {s['initialised_from']['sha256']})."
                   if "initialised_from" in s else "")
+    guarantee += warm_start
     return f"""Synthetic TOF-MRA image-label pairs: {set_name}
 
 What is here (and nothing else):
@@ -163,7 +166,7 @@ How it was made:
   of epoch {s['epoch_released']} ({s['selection']['rule']}); the epsilon is that of epoch
   {s['selection']['privacy_of_epoch']}, the last epoch whose logged values the choice looked at.
   delta = 1 / number of training patches, the paper's choice; the usual advice is a delta well below 1 / N.
-  {seeded}{warm_start}
+  {seeded}
 """
 
 
