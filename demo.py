@@ -100,14 +100,12 @@ def gan_done(trial, epochs, work_dir=None):
 
 
 def checkpoint(trial, epoch, work_dir=None):
-    return (Path(work_dir) / "models" / f"WGAN_{trial}" if work_dir else common.gan_model_dir(trial)) / \
-        f"epoch_{epoch}.pth"
+    return common.gan_model_dir(trial, work_dir) / f"epoch_{epoch}.pth"
 
 
 def gan_args(trial, noisem, epochs, work_dir=None):
-    results = Path(work_dir) / "results" / f"WGAN_{trial}" if work_dir else common.gan_results_dir(trial)
     args = ["run_gan.py", "--trial", trial, "--noisem", str(noisem), "--epochs", str(epochs)]
-    return args + ["--resume"] if results.exists() else args
+    return args + ["--resume"] if common.gan_results_dir(trial, work_dir).exists() else args
 
 
 def public_env():

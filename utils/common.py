@@ -181,12 +181,13 @@ def patches_path(split="train"):
     return config.WORK_DIR / "patches" / f"{split}_patches.npz"
 
 
-def gan_model_dir(trial):
-    return config.WORK_DIR / "models" / f"WGAN_{trial}"
+def gan_model_dir(trial, work_dir=None):
+    """A trial's checkpoints, in config.WORK_DIR or another work folder (demo.py's public GAN)."""
+    return Path(work_dir or config.WORK_DIR) / "models" / f"WGAN_{trial}"
 
 
-def gan_results_dir(trial):
-    return config.WORK_DIR / "results" / f"WGAN_{trial}"
+def gan_results_dir(trial, work_dir=None):
+    return Path(work_dir or config.WORK_DIR) / "results" / f"WGAN_{trial}"
 
 
 def synthetic_name(trial, epoch, thresh):
