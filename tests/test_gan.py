@@ -294,7 +294,8 @@ def test_generator_step_leaves_the_critic_alone():
 
 
 # ---- patient-level privacy ----
-def test_patient_step_clips_each_patients_mean_gradient_and_one_patient_moves_it_at_most_c_over_b():
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_patient_step_clips_each_patients_mean_gradient_and_one_patient_moves_it_at_most_c_over_b(mode):
     k, b, max_norm = 2, 4, 0.05
     d, bare, data = tiny_critic()
     real, fake = data[:6], data[8:12]  # 3 sampled patients of k = 2 patches; b = 4 fake samples
@@ -307,7 +308,7 @@ def test_patient_step_clips_each_patients_mean_gradient_and_one_patient_moves_it
     def update(real_batch):
         critic = copy.deepcopy(d)
         start = [p.detach().clone() for p in critic.parameters()]
-        private, dp_opt, engine, _ = privatise(critic, data, 0.0, max_norm, b)
+        private, dp_opt, engine, _ = privatise(critic, data, 0.0, max_norm, b, mode)
         gan.private_critic_step(private, dp_opt, real_batch, fake, clip_param_w=1e6, patches_per_patient=k)
         assert engine.accountant.history == [(0.0, b / len(data), 1)]
         return torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)])

@@ -41,7 +41,7 @@ from torch.utils.data import TensorDataset
 
 import config
 from model import PATCH, DCGANCritic, DCGANGenerator, Discriminator, Generator
-from utils import privacy
+from utils import bookkeeping, privacy
 from utils.canaries import canaries_path, load_canaries, make_canaries, save_canaries
 from utils.common import (
     PipelineError,
@@ -68,7 +68,8 @@ LOG_COLUMNS = ("epoch", "loss_d", "loss_g", "wasserstein", "d_real", "d_fake", "
                "epsilon_valid_prv", *DP_DIAGNOSTICS, "steps", "seconds")
 LOAD_CHUNK = 4096  # patches scaled at a time when loading
 N_FIXED_SAMPLES = 8  # generator samples drawn from one fixed noise batch after every epoch
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+# Per-sample clipping engines: Opacus's four, and bk (utils/bookkeeping.py: book-keeping with mixed ghost norms).
+GRAD_SAMPLE_MODES = ("bk", "hooks", "functorch", "ew", "ghost")
 LOSSES = ("wgan", "hinge", "ns")
 OPTIMIZERS = ("rmsprop", "adam")
 # Flags that may change when a trial is resumed: they do not change what is trained or how it is accounted.
@@ -217,6 +218,16 @@ def make_private_critic(critic, optimizer, n_units, sample_rate, batch_units, no
     """
     engine = PrivacyEngine(accountant="rdp")
     loader = DPDataLoader(TensorDataset(torch.arange(n_units)), sample_rate=sample_rate, generator=generator)
+    if grad_sample_mode == "bk":  # the critic stays bare; utils.bookkeeping writes the clipped sum into p.grad
+        try:
+            bookkeeping.check_supported(critic)
+        except ValueError as err:
+            raise PipelineError(f"--grad_sample_mode bk: {err}") from None
+        optimizer = bookkeeping.BookkeepingDPOptimizer(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=batch_units, loss_reduction="mean", generator=noise_generator)
+        optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        return critic, optimizer, engine, loader.batch_sampler
     private = engine.make_private(module=critic, optimizer=optimizer, data_loader=loader,
                                   noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                   poisson_sampling=False, grad_sample_mode=grad_sample_mode,
@@ -290,19 +301,28 @@ def clamp_critic_weights(critic, clip_param_w):
             p.clamp_(-clip_param_w, clip_param_w)
 
 
-def _dp_backward(critic, optimizer, batch, per_sample_loss):
+def _dp_backward(critic, optimizer, batch, per_sample_loss, blocks=None):
     """Per-sample gradients of per_sample_loss(D(x))_i into the DP optimizer; returns the detached scores.
+    blocks (bk engine, patient-level DP): the batch's runs of units, see bookkeeping.clipped_gradient_sum.
 
     An empty Poisson batch is still one release (of pure noise): its per-sample gradients are set to an
     empty stack without a forward pass, which Opacus's clip_and_accumulate sums to zero.
     """
+    ready_clipped = isinstance(optimizer, bookkeeping.BookkeepingDPOptimizer) or isinstance(
+        critic, GradSampleModuleFastGradientClipping)  # p.grad holds the clipped sum, not per-sample gradients
     if len(batch) == 0:
         for p in optimizer.params:
-            if isinstance(critic, GradSampleModuleFastGradientClipping):
-                p.grad = torch.zeros_like(p)  # ghost clipping accumulates p.grad, not per-sample gradients
+            if ready_clipped:
+                p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        if isinstance(optimizer, bookkeeping.BookkeepingDPOptimizer):
+            optimizer.per_unit_norms = batch.new_zeros(0)
         return batch.new_zeros(0)
+    if isinstance(optimizer, bookkeeping.BookkeepingDPOptimizer):
+        scores, optimizer.per_unit_norms = bookkeeping.clipped_gradient_sum(
+            critic, batch, per_sample_loss, optimizer.max_grad_norm, blocks)
+        return scores
     scores = critic(batch)
     if isinstance(critic, GradSampleModuleFastGradientClipping):
         # Ghost clipping: per-sample norms in a first backward pass, the clipped sum in a second one.
@@ -332,10 +352,13 @@ def private_critic_step(critic, optimizer, real, fake, clip_param_w, loss="wgan"
     """
     optimizer.zero_grad()
     n_real, both = len(real), torch.cat([real, fake])
+    k = patches_per_patient
+    bk = isinstance(optimizer, bookkeeping.BookkeepingDPOptimizer)
     scores = _dp_backward(critic, optimizer, augment(both) if augment else both, lambda s: torch.cat(
-        [critic_loss_terms(s[:n_real], True, loss), critic_loss_terms(s[n_real:], False, loss)]))
-    if patches_per_patient is not None:
-        average_real_gradients_by_patient(optimizer, len(real), patches_per_patient)
+        [critic_loss_terms(s[:n_real], True, loss), critic_loss_terms(s[n_real:], False, loss)]),
+        blocks=((n_real, k), (len(fake), 1)) if k is not None and bk else None)
+    if k is not None and not bk:
+        average_real_gradients_by_patient(optimizer, len(real), k)
     if not optimizer.pre_step():  # clip, add noise, divide by B, accountant step
         raise RuntimeError("the DP optimizer skipped a step; nothing here asks it to")
     diagnostics = dp_diagnostics(critic, optimizer)
@@ -359,7 +382,9 @@ def dp_diagnostics(critic, optimizer):
     samples clipped, ||noise|| / ||clipped sum||]. The noise is read back from p.grad = (clipped sum + noise) / B.
     Internal: computed on training samples without noise. A tensor on the critic's device, so that a GPU is not
     synchronised per step."""
-    if isinstance(critic, GradSampleModuleFastGradientClipping):
+    if isinstance(optimizer, bookkeeping.BookkeepingDPOptimizer):
+        norms = optimizer.per_unit_norms
+    elif isinstance(critic, GradSampleModuleFastGradientClipping):
         norms = critic.per_sample_gradient_norms
     else:
         norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=1) for g in optimizer.grad_samples], 1).norm(2, dim=1)
@@ -622,7 +647,8 @@ class GanTrial:
                                 f"patch belongs to whom); extract it again with extract_patches.py")
         if args.dp_mode != "strict" or args.grad_sample_mode == "ghost":
             raise PipelineError(f"--privacy_unit patient needs --dp_mode strict and per-sample gradients to average "
-                                f"by patient: --grad_sample_mode hooks, functorch or ew (not {args.grad_sample_mode})")
+                                f"by patient: --grad_sample_mode bk, hooks, functorch or ew "
+                                f"(not {args.grad_sample_mode})")
         patches_of = patient_patches(patients)
         fewest = min(len(p) for p in patches_of)
         if not 1 <= args.patches_per_patient_step <= fewest:

@@ -1,0 +1,93 @@
+"""The bk per-sample clipping engine (utils/bookkeeping.py) against per-sample gradients taken one sample at a time."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from model import DCGANCritic, Discriminator
+from utils import bookkeeping
+
+torch.set_num_threads(1)
+
+
+def unit_gradients(critic, batch, sign, k=1):
+    """Each unit's gradient of the mean of its k samples' terms sign * D(x), one autograd call per unit."""
+    params = list(critic.parameters())
+    return [torch.autograd.grad(sign * critic(batch[i:i + k]).mean(), params) for i in range(0, len(batch), k)]
+
+
+def flat(grads):
+    return torch.cat([g.flatten() for g in grads])
+
+
+def expected_clipped_sum(units, max_norm):
+    norms = torch.stack([flat(u).norm() for u in units])
+    return sum(flat(u) * min(1.0, max_norm / (n.item() + 1e-6)) for u, n in zip(units, norms)), norms
+
+
+def wgan_terms(n_real):
+    return lambda s: torch.cat([-s[:n_real], s[n_real:]])
+
+
+@pytest.mark.parametrize("network", ["paper", "dcgan"])
+@pytest.mark.parametrize("norms", ["mixed", "ghost", "materialised"])
+def test_clipped_sum_and_norms_equal_those_of_per_sample_gradients(network, norms, monkeypatch):
+    if norms != "mixed":  # every layer through one of the two paths; mixed: the paper critic uses both
+        monkeypatch.setattr(bookkeeping, "uses_ghost_norm", lambda *shape: norms == "ghost")
+    torch.manual_seed(0)
+    critic = Discriminator(ndf=4) if network == "paper" else DCGANCritic(ndf=4)
+    batch = torch.randn(7, 2, 96, 96)
+    units = unit_gradients(copy.deepcopy(critic), batch[:3], -1) + unit_gradients(copy.deepcopy(critic), batch[3:], 1)
+    max_norm = torch.stack([flat(u).norm() for u in units]).median().item()  # some clipped, some not
+    expected, norms = expected_clipped_sum(units, max_norm)
+    scores, got_norms = bookkeeping.clipped_gradient_sum(critic, batch, wgan_terms(3), max_norm)
+    torch.testing.assert_close(got_norms, norms, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(flat(p.grad for p in critic.parameters()), expected, rtol=1e-4, atol=1e-5)
+    assert scores.shape == (7,) and not scores.requires_grad
+
+
+def test_units_of_k_samples_are_clipped_as_the_mean_of_their_gradients():
+    torch.manual_seed(1)
+    critic, k = Discriminator(ndf=4), 3
+    batch = torch.randn(8, 2, 96, 96)  # 2 patients of 3 real patches, then 2 fake samples
+    units = (unit_gradients(copy.deepcopy(critic), batch[:6], -1, k)
+             + unit_gradients(copy.deepcopy(critic), batch[6:], 1))
+    max_norm = torch.stack([flat(u).norm() for u in units]).median().item()
+    expected, norms = expected_clipped_sum(units, max_norm)
+    _, got_norms = bookkeeping.clipped_gradient_sum(critic, batch, wgan_terms(6), max_norm, blocks=((6, k), (2, 1)))
+    torch.testing.assert_close(got_norms, norms, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(flat(p.grad for p in critic.parameters()), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_that_do_not_cut_the_batch_into_whole_units_are_refused():
+    with pytest.raises(ValueError, match="whole units"):
+        bookkeeping.clipped_gradient_sum(Discriminator(ndf=4), torch.randn(5, 2, 96, 96), lambda s: s, 1.0,
+                                         blocks=((4, 3), (1, 1)))
+
+
+@pytest.mark.parametrize("layer, message", [
+    (nn.BatchNorm2d(2), "mixes the samples"),
+    (nn.BatchNorm2d(2, affine=False), "mixes the samples"),
+    (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d"),
+    (nn.Conv2d(2, 2, 3, groups=2), "groups 1"),
+])
+def test_layers_it_cannot_clip_per_sample_are_refused_by_name(layer, message):
+    critic = nn.Sequential(nn.Conv2d(2, 2, 3), layer)
+    with pytest.raises(ValueError, match=message) as err:
+        bookkeeping.check_supported(critic)
+    assert "'1'" in str(err.value)  # the layer's name in the critic
+    bookkeeping.check_supported(Discriminator(ndf=4))
+    bookkeeping.check_supported(DCGANCritic(ndf=4))
+
+
+def test_the_paper_critic_mixes_ghost_and_materialised_norms():
+    """Large feature maps with few weights (the first layers) materialise per-sample gradients; small maps with
+    many weights (the deep layers, 19 M weights in the paper's fifth) use ghost norms."""
+    critic = Discriminator(ndf=96)
+    with bookkeeping.recording(critic) as records:
+        critic(torch.randn(1, 2, 96, 96))
+    ghost = [bookkeeping.uses_ghost_norm(out[0, 0].numel(), layer.weight[0].numel(), layer.out_channels)
+             for layer, _, out in records]
+    assert ghost == [False, False, True, True, True, True]
