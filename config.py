@@ -66,7 +66,9 @@ GAN_SEED = 12
 DP_MODE = "strict"  # "strict": valid accounting; "paper": the authors' loop (see SPEC)
 DELTA = None  # None: 1 / number of training patches
 DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # RDP orders (Opacus/paper)
-GRAD_SAMPLE_MODE = "hooks"  # Opacus per-sample gradient engine
+# Per-sample clipping engine: "bk" (utils/bookkeeping.py; the fastest on the 2-core CPU: README "Tests and
+# benchmarks") or Opacus's "hooks", "functorch", "ew", "ghost". All give the same clipped, noised update (tested).
+GRAD_SAMPLE_MODE = "bk"
 PRIVACY_UNIT = "patch"  # "patch": the paper's; "patient": patient-level DP (Poisson-sampled patients)
 BATCH_PATIENTS = 4  # --privacy_unit patient: expected patients per critic iteration
 PATCHES_PER_PATIENT_STEP = 8  # --privacy_unit patient: patches each sampled patient contributes per iteration

@@ -74,7 +74,8 @@ def parse_args(argv=None):
                         "PUBLIC data (not these patients'): epsilon covers this run's training data only")
     add_device_arg(p)
     p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE,
-                   help=f"Opacus per-sample gradient engine: one of {', '.join(GRAD_SAMPLE_MODES)}")
+                   help=f"per-sample clipping engine: bk (book-keeping, utils/bookkeeping.py) or one of Opacus's; "
+                        f"one of {', '.join(GRAD_SAMPLE_MODES)}; all give the same update")
     return p.parse_args(argv)
 
 

@@ -91,3 +91,12 @@ def test_the_paper_critic_mixes_ghost_and_materialised_norms():
     ghost = [bookkeeping.uses_ghost_norm(out[0, 0].numel(), layer.weight[0].numel(), layer.out_channels)
              for layer, _, out in records]
     assert ghost == [False, False, True, True, True, True]
+
+
+def test_the_clipped_sum_is_plain_data_that_an_optimizer_can_zero():
+    critic = DCGANCritic(ndf=4)
+    bookkeeping.clipped_gradient_sum(critic, torch.randn(3, 2, 96, 96), lambda s: s, 1.0)
+    assert all(p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad
+               for p in critic.parameters())
+    torch.optim.SGD(critic.parameters(), lr=0.1).zero_grad(set_to_none=False)  # the DP optimizer's way
+    assert all((p.grad == 0).all() for p in critic.parameters())

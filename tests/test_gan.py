@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 import config
 import run_gan
@@ -47,15 +47,14 @@ def work(dirs):
 
 @pytest.fixture
 def dp_steps(monkeypatch):
-    """Counts the DP optimizer's noisy steps (pre_step runs clipping, noise and the accountant hook)."""
+    """Counts the DP optimizers' noisy steps (pre_step runs clipping, noise and the accountant hook), Opacus's
+    per-sample one and the one for ready-clipped sums (bk, ghost)."""
     calls = []
-    original = DPOptimizer.pre_step
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DPOptimizer, "pre_step", counting)
+    for cls in (DPOptimizer, DPOptimizerFastGradientClipping):
+        def counting(self, *args, _original=cls.pre_step, **kwargs):
+            calls.append(1)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "pre_step", counting)
     return calls
 
 

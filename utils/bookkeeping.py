@@ -84,8 +84,37 @@ def _out_positions(layer, g):
     return g.reshape(len(g), -1, g.shape[-1])
 
 
+def _conv_weight_grad(layer, x, g, groups=1):
+    """The weight gradient of a convolution from its input x and output gradient g, by the backward kernel a
+    plain backward pass uses (groups n: x and g hold n samples side by side as channels, one weight per sample)."""
+    weight = layer.weight if groups == 1 else layer.weight.repeat(groups, 1, 1, 1)
+    return torch.ops.aten.convolution_backward(
+        g, x, weight, None, layer.stride, layer.padding, layer.dilation, False, [0, 0], groups,
+        [False, True, False])[1]
+
+
+def _per_sample_weight_grads(layer, x, g):
+    """(n, D_out, D_in) per-sample weight gradients; a convolution's as one grouped convolution's weight gradient
+    (faster on a CPU than unfolding its input)."""
+    n = len(x)
+    if isinstance(layer, nn.Conv2d):
+        grads = _conv_weight_grad(layer, x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:]), n)
+        return grads.reshape(n, layer.out_channels, -1)
+    return torch.bmm(_out_positions(layer, g).transpose(1, 2), _positions(layer, x))
+
+
+def _weight_grad_sum(layer, x, g, factor):
+    """sum_i factor_i (weight gradient of sample i): the plain weight gradient of the factor-scaled g."""
+    g = g * factor.view(-1, *[1] * (g.dim() - 1))
+    if isinstance(layer, nn.Conv2d):
+        return _conv_weight_grad(layer, x, g)
+    return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
 def _unit_sums(per_sample, blocks):
     """(n, ...) per-sample values -> (units, ...) sums over each unit's consecutive samples."""
+    if all(k == 1 for _, k in blocks):
+        return per_sample
     parts, start = [], 0
     for n, k in blocks:
         parts.append(per_sample[start:start + n].reshape(n // k, k, *per_sample.shape[1:]).sum(1))
@@ -97,8 +126,9 @@ def _ghost_sq_norms(a, go, blocks):
     """Squared norms of the units' weight gradients sum_i G_i^T A_i, from Gram matrices over their k T positions."""
     parts, start = [], 0
     for n, k in blocks:
-        au = a[start:start + n].reshape(n // k, -1, a.shape[2])
-        gu = go[start:start + n].reshape(n // k, -1, go.shape[2])
+        au, gu = a[start:start + n], go[start:start + n]
+        if k > 1:  # (a copy: the positions of k samples side by side)
+            au, gu = au.reshape(n // k, -1, a.shape[2]), gu.reshape(n // k, -1, go.shape[2])
         parts.append((torch.bmm(au, au.transpose(1, 2)) * torch.bmm(gu, gu.transpose(1, 2))).sum((1, 2)))
         start += n
     return torch.cat(parts)
@@ -123,17 +153,17 @@ def _layer_clipping(layer, x, g, blocks):
                 p.grad = (factor @ s).view_as(p)
         return sq, write_sum
 
-    a, go = _positions(layer, x), _out_positions(layer, g)
-    t, d_in, d_out = a.shape[1], a.shape[2], go.shape[2]
+    go = _out_positions(layer, g)
+    t, d_in, d_out = go.shape[1], layer.weight[0].numel(), go.shape[2]
     bias = go.sum(1) if layer.bias is not None else None  # per-sample bias gradients (n, D_out)
     sq = _unit_sums(bias, blocks).square().sum(1) if bias is not None else 0
     if uses_ghost_norm(max(k for _, k in blocks) * t, d_in, d_out):
-        sq = sq + _ghost_sq_norms(a, go, blocks)
+        sq = sq + _ghost_sq_norms(_positions(layer, x), go, blocks)
 
         def weight_sum(factor):
-            return (go * factor[:, None, None]).reshape(-1, d_out).t() @ a.reshape(-1, d_in)
-    else:  # materialised per-sample gradients (n, D_out, D_in)
-        per_sample = torch.bmm(go.transpose(1, 2), a)
+            return _weight_grad_sum(layer, x, g, factor)
+    else:
+        per_sample = _per_sample_weight_grads(layer, x, g)
         sq = sq + _unit_sums(per_sample, blocks).flatten(1).square().sum(1)
 
         def weight_sum(factor):
@@ -164,11 +194,12 @@ def clipped_gradient_sum(critic, batch, per_sample_loss, max_norm, blocks=None):
     weights = torch.cat([torch.full((n,), 1.0 / k, device=batch.device) for n, k in blocks])
     losses = per_sample_loss(scores) * weights  # a unit's loss: the mean of its samples' terms
     grads = torch.autograd.grad(losses.sum(), [out for _, _, out in records])  # no weight gradient is formed
-    layers = [_layer_clipping(layer, x, g, blocks) for (layer, x, _), g in zip(records, grads)]
-    norms = sum(sq for sq, _ in layers).sqrt()
-    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
-    per_sample = torch.cat([f.repeat_interleave(k) for f, (_, k) in
-                            zip(factors.split([n // k for n, k in blocks]), blocks)])
-    for _, write_sum in layers:
-        write_sum(per_sample)
-    return scores.detach(), norms.detach()
+    with torch.no_grad():  # p.grad is data: no autograd graph through the weights
+        layers = [_layer_clipping(layer, x, g, blocks) for (layer, x, _), g in zip(records, grads)]
+        norms = sum(sq for sq, _ in layers).sqrt()
+        factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
+        per_sample = torch.cat([f.repeat_interleave(k) for f, (_, k) in
+                                zip(factors.split([n // k for n, k in blocks]), blocks)])
+        for _, write_sum in layers:
+            write_sum(per_sample)
+    return scores.detach(), norms
