@@ -69,6 +69,9 @@ DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # RDP o
 # Per-sample clipping engine: "bk" (utils/bookkeeping.py; the fastest on the 2-core CPU: README "Tests and
 # benchmarks") or Opacus's "hooks", "functorch", "ew", "ghost". All give the same clipped, noised update (tested).
 GRAD_SAMPLE_MODE = "bk"
+# bk engine: at most this many samples per forward/backward pass of a private critic step, so that a large
+# logical batch fits a GPU (the update is the same); None: the whole batch at once.
+MAX_PHYSICAL_BATCH = None
 PRIVACY_UNIT = "patch"  # "patch": the paper's; "patient": patient-level DP (Poisson-sampled patients)
 BATCH_PATIENTS = 4  # --privacy_unit patient: expected patients per critic iteration
 PATCHES_PER_PATIENT_STEP = 8  # --privacy_unit patient: patches each sampled patient contributes per iteration

@@ -76,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE,
                    help=f"per-sample clipping engine: bk (book-keeping, utils/bookkeeping.py) or one of Opacus's; "
                         f"one of {', '.join(GRAD_SAMPLE_MODES)}; all give the same update")
+    p.add_argument("--max_physical_batch", type=int, default=config.MAX_PHYSICAL_BATCH, metavar="SAMPLES",
+                   help="bk engine: at most this many samples (real + generated; whole patients) per forward and "
+                        "backward pass, for a batch too large for the device's memory; the update is the same "
+                        "(default: the whole batch in one pass)")
     return p.parse_args(argv)
 
 

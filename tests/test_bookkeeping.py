@@ -28,7 +28,8 @@ def expected_clipped_sum(units, max_norm):
 
 
 def wgan_terms(n_real):
-    return lambda s: torch.cat([-s[:n_real], s[n_real:]])
+    """-D(x) for the first n_real samples, D(x) for the others (scores of batch[rows])."""
+    return lambda s, rows: torch.where(torch.arange(rows.start, rows.stop) < n_real, -s, s)
 
 
 @pytest.mark.parametrize("network", ["paper", "dcgan"])
@@ -63,7 +64,7 @@ def test_units_of_k_samples_are_clipped_as_the_mean_of_their_gradients():
 
 def test_blocks_that_do_not_cut_the_batch_into_whole_units_are_refused():
     with pytest.raises(ValueError, match="whole units"):
-        bookkeeping.clipped_gradient_sum(Discriminator(ndf=4), torch.randn(5, 2, 96, 96), lambda s: s, 1.0,
+        bookkeeping.clipped_gradient_sum(Discriminator(ndf=4), torch.randn(5, 2, 96, 96), lambda s, rows: s, 1.0,
                                          blocks=((4, 3), (1, 1)))
 
 
@@ -95,8 +96,29 @@ def test_the_paper_critic_mixes_ghost_and_materialised_norms():
 
 def test_the_clipped_sum_is_plain_data_that_an_optimizer_can_zero():
     critic = DCGANCritic(ndf=4)
-    bookkeeping.clipped_gradient_sum(critic, torch.randn(3, 2, 96, 96), lambda s: s, 1.0)
+    bookkeeping.clipped_gradient_sum(critic, torch.randn(3, 2, 96, 96), lambda s, rows: s, 1.0)
     assert all(p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad
                for p in critic.parameters())
     torch.optim.SGD(critic.parameters(), lr=0.1).zero_grad(set_to_none=False)  # the DP optimizer's way
     assert all((p.grad == 0).all() for p in critic.parameters())
+
+
+def test_physical_batches_hold_whole_units_and_give_the_same_update():
+    assert bookkeeping.physical_batches(((6, 3), (2, 1)), 4) == [(0, ((3, 3),)), (3, ((3, 3), (1, 1))), (7, ((1, 1),))]
+    assert bookkeeping.physical_batches(((6, 3), (2, 1)), 5) == [(0, ((3, 3),)), (3, ((3, 3), (2, 1)))]
+    assert bookkeeping.physical_batches(((6, 3), (2, 1)), None) == [(0, ((6, 3), (2, 1)))]
+    with pytest.raises(ValueError, match="a unit of 3 samples does not fit a physical batch of 2"):
+        bookkeeping.physical_batches(((6, 3), (2, 1)), 2)
+    torch.manual_seed(2)
+    critic, batch = Discriminator(ndf=4), torch.randn(8, 2, 96, 96)
+
+    def row_weighted(scores, rows):  # a loss term that depends on the sample's row in the whole batch
+        return scores * (torch.arange(rows.start, rows.stop) - 2.5)
+    results = []
+    for max_physical_batch in (None, 4):
+        critic.zero_grad(set_to_none=True)
+        scores, norms = bookkeeping.clipped_gradient_sum(critic, batch, row_weighted, 0.05, ((6, 3), (2, 1)),
+                                                         max_physical_batch)
+        results.append((scores, norms, flat(p.grad for p in critic.parameters())))
+    for one_pass, chunked in zip(*results):
+        torch.testing.assert_close(chunked, one_pass, rtol=1e-4, atol=1e-6)

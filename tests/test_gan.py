@@ -141,6 +141,28 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(work, capsys):
     assert "all 2 epochs are done" in capsys.readouterr().out
 
 
+def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(work):
+    whole = train("--trial", "whole", "--epochs", "1")
+    chunked = train("--trial", "chunked", "--epochs", "1", "--max_physical_batch", "3")
+    assert chunked.engine.accountant.history == whole.engine.accountant.history
+    assert json.loads((gan_results_dir("chunked") / "config.json").read_text())["args"]["max_physical_batch"] == 3
+
+
+def test_a_private_step_in_physical_batches_is_the_one_pass_update_with_the_same_noise_draw():
+    d, _, data = tiny_critic()
+    updates = []
+    for max_physical_batch in (None, 4):
+        critic = copy.deepcopy(d)
+        start = [p.detach().clone() for p in critic.parameters()]
+        private, dp_opt, _, _ = gan.make_private_critic(critic, torch.optim.SGD(critic.parameters(), lr=1.0),
+                                                        len(data), 8 / len(data), 8, 1.3, 0.05, "bk",
+                                                        noise_generator=torch.Generator().manual_seed(5))
+        gan.private_critic_step(private, dp_opt, data[:5], data[8:16], clip_param_w=None, loss="hinge",
+                                max_physical_batch=max_physical_batch)
+        updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)]))
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-6)
+
+
 def expect_error(capsys, *flags):
     with pytest.raises(SystemExit) as exc:
         train(*flags)
@@ -174,6 +196,9 @@ def test_resume_refuses_other_settings_and_missing_trials(work, capsys):
     (["--kd", "40"], "critic flags"),
     (["--dp_mode", "loose"], "--dp_mode 'loose'"),
     (["--grad_sample_mode", "magic"], "--grad_sample_mode 'magic'"),
+    (["--max_physical_batch", "0"], "--max_physical_batch 0: needs a size >= 1"),
+    (["--max_physical_batch", "4", "--grad_sample_mode", "hooks"], "--max_physical_batch 4: needs a size >= 1, "
+                                                                    "--grad_sample_mode bk"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(work, capsys, flags, message):
     assert message in expect_error(capsys, *flags)

@@ -141,17 +141,16 @@ def uses_ghost_norm(positions, d_in, d_out):
 
 
 def _layer_clipping(layer, x, g, blocks):
-    """One layer's squared per-unit gradient norms (summed over its parameters), and a function that writes
-    sum_i factor_i grad_i (the clipped sum, given each sample's clip factor) into its parameters' p.grad."""
+    """One layer's squared per-unit gradient norms (summed over its parameters), and a function that gives
+    sum_i factor_i grad_i (the clipped sum, given each sample's clip factor) as (parameter, sum) pairs."""
     if isinstance(layer, nn.GroupNorm):
         xhat = F.group_norm(x, layer.num_groups, eps=layer.eps)
         per_sample = [(xhat * g).flatten(2).sum(2), g.flatten(2).sum(2)]  # weight, bias: (n, C) each
         sq = sum(_unit_sums(s, blocks).square().sum(1) for s in per_sample)
 
-        def write_sum(factor):
-            for p, s in zip((layer.weight, layer.bias), per_sample):
-                p.grad = (factor @ s).view_as(p)
-        return sq, write_sum
+        def clipped_sums(factor):
+            return [(p, (factor @ s).view_as(p)) for p, s in zip((layer.weight, layer.bias), per_sample)]
+        return sq, clipped_sums
 
     go = _out_positions(layer, g)
     t, d_in, d_out = go.shape[1], layer.weight[0].numel(), go.shape[2]
@@ -169,24 +168,36 @@ def _layer_clipping(layer, x, g, blocks):
         def weight_sum(factor):
             return torch.einsum("n,noi->oi", factor, per_sample)
 
-    def write_sum(factor):
-        layer.weight.grad = weight_sum(factor).view_as(layer.weight)
-        if bias is not None:
-            layer.bias.grad = factor @ bias
-    return sq, write_sum
+    def clipped_sums(factor):
+        sums = [(layer.weight, weight_sum(factor).view_as(layer.weight))]
+        return sums + [(layer.bias, factor @ bias)] if bias is not None else sums
+    return sq, clipped_sums
 
 
-def clipped_gradient_sum(critic, batch, per_sample_loss, max_norm, blocks=None):
-    """Forward `batch` through `critic`, clip each unit's gradient of its loss term to max_norm and write the sum
-    of the clipped gradients into p.grad. Returns (detached scores, per-unit gradient norms before clipping).
+def physical_batches(blocks, max_samples):
+    """Cut blocks ((n, k), ...) into consecutive physical batches of whole units, each of at most max_samples
+    samples (None: one batch): [(first sample, blocks of that batch), ...]."""
+    units = [k for n, k in blocks for _ in range(n // k)]
+    if max_samples is not None and any(k > max_samples for k in units):
+        raise ValueError(f"a unit of {max(units)} samples does not fit a physical batch of {max_samples}")
+    batches, start, current = [], 0, []
+    for k in units + [None]:
+        if current and (k is None or (max_samples is not None and sum(current) + k > max_samples)):
+            runs = []
+            for size in current:  # run-length encode the batch's unit sizes
+                if runs and runs[-1][1] == size:
+                    runs[-1][0] += size
+                else:
+                    runs.append([size, size])
+            batches.append((start, tuple(map(tuple, runs))))
+            start, current = start + sum(current), []
+        if k is not None:
+            current.append(k)
+    return batches
 
-    per_sample_loss: scores -> one loss term per sample. blocks: ((n_1, k_1), (n_2, k_2), ...), consecutive runs
-    of the batch, each of n_j samples grouped in units of k_j consecutive ones whose loss terms are averaged
-    (patient-level DP: ((real patches, k), (fake samples, 1))); None: every sample is a unit.
-    """
-    blocks = tuple((n, k) for n, k in (blocks or ((len(batch), 1),)) if n)
-    if sum(n for n, _ in blocks) != len(batch) or any(n % k for n, k in blocks):
-        raise ValueError(f"blocks {blocks} do not cut a batch of {len(batch)} into whole units")
+
+def _clip_physical_batch(critic, batch, per_sample_loss, max_norm, blocks):
+    """clipped_gradient_sum of one physical batch: (scores, norms, [(parameter, clipped sum), ...])."""
     with recording(critic) as records:
         scores = critic(batch)
     if len({id(layer) for layer, _, _ in records}) != len(records):
@@ -200,6 +211,32 @@ def clipped_gradient_sum(critic, batch, per_sample_loss, max_norm, blocks=None):
         factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         per_sample = torch.cat([f.repeat_interleave(k) for f, (_, k) in
                                 zip(factors.split([n // k for n, k in blocks]), blocks)])
-        for _, write_sum in layers:
-            write_sum(per_sample)
-    return scores.detach(), norms
+        sums = [pair for _, clipped_sums in layers for pair in clipped_sums(per_sample)]
+    return scores.detach(), norms, sums
+
+
+def clipped_gradient_sum(critic, batch, per_sample_loss, max_norm, blocks=None, max_physical_batch=None):
+    """Forward `batch` through `critic`, clip each unit's gradient of its loss term to max_norm and write the sum
+    of the clipped gradients into p.grad. Returns (detached scores, per-unit gradient norms before clipping).
+
+    per_sample_loss(scores, rows): one loss term per sample, for the scores of batch[rows]. blocks: ((n_1, k_1),
+    (n_2, k_2), ...), consecutive runs of the batch, each of n_j samples grouped in units of k_j consecutive ones
+    whose loss terms are averaged (patient-level DP: ((real patches, k), (fake samples, 1))); None: every sample
+    is a unit. max_physical_batch: at most this many samples (of whole units) per forward and backward pass, so
+    that a large logical batch fits the device's memory; the sum is the same, since each unit is clipped alone.
+    """
+    blocks = tuple((n, k) for n, k in (blocks or ((len(batch), 1),)) if n)
+    if sum(n for n, _ in blocks) != len(batch) or any(n % k for n, k in blocks):
+        raise ValueError(f"blocks {blocks} do not cut a batch of {len(batch)} into whole units")
+    scores, norms, totals = [], [], {}
+    for start, part in physical_batches(blocks, max_physical_batch):
+        rows = slice(start, start + sum(n for n, _ in part))
+        part_scores, part_norms, sums = _clip_physical_batch(
+            critic, batch[rows], lambda s, rows=rows: per_sample_loss(s, rows), max_norm, part)
+        scores.append(part_scores)
+        norms.append(part_norms)
+        for p, total in sums:
+            totals[p] = totals[p] + total if p in totals else total
+    for p, total in totals.items():
+        p.grad = total
+    return torch.cat(scores), torch.cat(norms)

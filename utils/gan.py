@@ -73,9 +73,9 @@ GRAD_SAMPLE_MODES = ("bk", "hooks", "functorch", "ew", "ghost")
 LOSSES = ("wgan", "hinge", "ns")
 OPTIMIZERS = ("rmsprop", "adam")
 # Flags that may change when a trial is resumed: they do not change what is trained or how it is accounted.
-RESUMABLE_CHANGES = ("resume", "epochs", "device", "grad_sample_mode")
+RESUMABLE_CHANGES = ("resume", "epochs", "device", "grad_sample_mode", "max_physical_batch")
 # Flags newer than some trials, with the value those trials ran with (absent from their config.json).
-FLAGS_ADDED_LATER = {"audit_canaries": 0, "init_from": None}
+FLAGS_ADDED_LATER = {"audit_canaries": 0, "init_from": None, "max_physical_batch": None}
 PROGRESS_EVERY = 20  # generator updates between refreshes of the progress bar's epsilon (~20 ms each)
 # Opacus registers full backward hooks on the critic's layers; the first layer's input (the data) needs no
 # gradient, which PyTorch reports on every run. It is expected and harmless here.
@@ -301,9 +301,9 @@ def clamp_critic_weights(critic, clip_param_w):
             p.clamp_(-clip_param_w, clip_param_w)
 
 
-def _dp_backward(critic, optimizer, batch, per_sample_loss, blocks=None):
-    """Per-sample gradients of per_sample_loss(D(x))_i into the DP optimizer; returns the detached scores.
-    blocks (bk engine, patient-level DP): the batch's runs of units, see bookkeeping.clipped_gradient_sum.
+def _dp_backward(critic, optimizer, batch, per_sample_loss, blocks=None, max_physical_batch=None):
+    """Per-sample gradients of per_sample_loss(D(x), rows)_i into the DP optimizer; returns the detached scores.
+    blocks (patient-level DP) and max_physical_batch (bk engine only): see bookkeeping.clipped_gradient_sum.
 
     An empty Poisson batch is still one release (of pure noise): its per-sample gradients are set to an
     empty stack without a forward pass, which Opacus's clip_and_accumulate sums to zero.
@@ -321,19 +321,22 @@ def _dp_backward(critic, optimizer, batch, per_sample_loss, blocks=None):
         return batch.new_zeros(0)
     if isinstance(optimizer, bookkeeping.BookkeepingDPOptimizer):
         scores, optimizer.per_unit_norms = bookkeeping.clipped_gradient_sum(
-            critic, batch, per_sample_loss, optimizer.max_grad_norm, blocks)
+            critic, batch, per_sample_loss, optimizer.max_grad_norm, blocks, max_physical_batch)
         return scores
+    if max_physical_batch is not None:
+        raise ValueError("a physical batch size needs the bk engine")
     scores = critic(batch)
     if isinstance(critic, GradSampleModuleFastGradientClipping):
         # Ghost clipping: per-sample norms in a first backward pass, the clipped sum in a second one.
-        DPTensorFastGradientClipping(critic, optimizer, per_sample_loss(scores), "mean").backward()
+        DPTensorFastGradientClipping(critic, optimizer, per_sample_loss(scores, slice(0, len(batch))),
+                                     "mean").backward()
     else:
-        per_sample_loss(scores).mean().backward()
+        per_sample_loss(scores, slice(0, len(batch))).mean().backward()
     return scores.detach()
 
 
 def private_critic_step(critic, optimizer, real, fake, clip_param_w, loss="wgan", augment=None,
-                        patches_per_patient=None):
+                        patches_per_patient=None, max_physical_batch=None):
     """One strict DP-WGAN critic iteration on a fresh Poisson batch `real` and a generated batch `fake`.
 
     Update direction = (sum_i clip_C(grad l_real(real_i)) + sum_j clip_C(grad l_fake(fake_j)) + N(0, (noisem C)^2 I))
@@ -341,7 +344,8 @@ def private_critic_step(critic, optimizer, real, fake, clip_param_w, loss="wgan"
     size (optimizer.expected_batch_size, which is also the fake batch's size): without clipping and noise, the
     gradient of the critic loss (wgan: mean D(fake) - mean D(real)). One backward pass, one noise draw, one
     accountant step at q = B / N. Then the optimizer steps and the weights are clamped (wgan). `augment`, if
-    given, transforms every sample before the critic (diff_augment).
+    given, transforms every sample before the critic (diff_augment). max_physical_batch (bk engine): at most
+    this many samples (whole patients) per forward and backward pass; the update is the same.
 
     Patient-level privacy (patches_per_patient = k): `real` holds k consecutive patches of each sampled patient;
     their per-sample gradients are averaged into one per-patient gradient before Opacus clips it, so each term
@@ -354,9 +358,12 @@ def private_critic_step(critic, optimizer, real, fake, clip_param_w, loss="wgan"
     n_real, both = len(real), torch.cat([real, fake])
     k = patches_per_patient
     bk = isinstance(optimizer, bookkeeping.BookkeepingDPOptimizer)
-    scores = _dp_backward(critic, optimizer, augment(both) if augment else both, lambda s: torch.cat(
-        [critic_loss_terms(s[:n_real], True, loss), critic_loss_terms(s[n_real:], False, loss)]),
-        blocks=((n_real, k), (len(fake), 1)) if k is not None and bk else None)
+
+    def loss_terms(scores, rows):  # the scores of both[rows]: real samples come first
+        real_rows = torch.arange(rows.start, rows.stop, device=scores.device) < n_real
+        return torch.where(real_rows, critic_loss_terms(scores, True, loss), critic_loss_terms(scores, False, loss))
+    scores = _dp_backward(critic, optimizer, augment(both) if augment else both, loss_terms,
+                          ((n_real, k), (len(fake), 1)) if k is not None and bk else None, max_physical_batch)
     if k is not None and not bk:
         average_real_gradients_by_patient(optimizer, len(real), k)
     if not optimizer.pre_step():  # clip, add noise, divide by B, accountant step
@@ -401,11 +408,11 @@ def paper_critic_step(critic, optimizer, real, fake, clip_param_w):
     """One critic iteration of the authors' loop: a DP step on -D(real), then a DP step on D(fake), both
     accounted as subsampled Gaussian steps (the paper's count; see utils.privacy for the valid one)."""
     optimizer.zero_grad()
-    real_scores = _dp_backward(critic, optimizer, real, lambda s: -s)
+    real_scores = _dp_backward(critic, optimizer, real, lambda s, rows: -s)
     optimizer.step()
     diagnostics = dp_diagnostics(critic, optimizer)
     optimizer.zero_grad()
-    fake_scores = _dp_backward(critic, optimizer, fake, lambda s: s)
+    fake_scores = _dp_backward(critic, optimizer, fake, lambda s, rows: s)
     optimizer.step()
     clamp_critic_weights(critic, clip_param_w)
     return real_scores, fake_scores, diagnostics
@@ -597,7 +604,8 @@ class GanTrial:
                 args.max_norm_dp, args.grad_sample_mode, self.sampler_generator, self.noise_generator)
             self.critic_step_fn = paper_critic_step if args.dp_mode == "paper" else functools.partial(
                 private_critic_step, **self.step_options,
-                patches_per_patient=args.patches_per_patient_step if self.patches_of else None)
+                patches_per_patient=args.patches_per_patient_step if self.patches_of else None,
+                max_physical_batch=args.max_physical_batch)
         else:
             self.d, self.opt_d, self.engine = self.critic, opt_d, None
             sampler = poisson_sampler(self.n_units, self.sample_rate, self.sampler_generator)
@@ -626,6 +634,10 @@ class GanTrial:
                    "--dp_mode paper is the authors' loop: it needs --loss wgan and no --diffaugment"),
                   (args.grad_sample_mode in GRAD_SAMPLE_MODES,
                    f"--grad_sample_mode {args.grad_sample_mode!r}: choose one of {', '.join(GRAD_SAMPLE_MODES)}"),
+                  (args.max_physical_batch is None or (args.max_physical_batch >= 1 and args.grad_sample_mode
+                                                        == "bk" and args.dp_mode == "strict"),
+                   f"--max_physical_batch {args.max_physical_batch}: needs a size >= 1, --grad_sample_mode bk and "
+                   f"--dp_mode strict"),
                   (args.audit_canaries >= 0, f"--audit_canaries {args.audit_canaries}: must be >= 0 (0: none)"),
                   (not args.audit_canaries or args.privacy_unit == "patch",
                    "--audit_canaries audits the per-patch guarantee: it needs --privacy_unit patch (a canary is "
@@ -654,6 +666,9 @@ class GanTrial:
         if not 1 <= args.patches_per_patient_step <= fewest:
             raise PipelineError(f"--patches_per_patient_step {args.patches_per_patient_step}: must lie between 1 "
                                 f"and {fewest}, the fewest patches any patient has in {path}")
+        if args.max_physical_batch is not None and args.max_physical_batch < args.patches_per_patient_step:
+            raise PipelineError(f"--max_physical_batch {args.max_physical_batch}: a physical batch holds whole "
+                                f"patients, at least --patches_per_patient_step {args.patches_per_patient_step}")
         if not 1 <= args.batch_patients <= len(patches_of):
             raise PipelineError(f"--batch_patients {args.batch_patients}: must lie between 1 and the "
                                 f"{len(patches_of)} training patients in {path}")
