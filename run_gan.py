@@ -80,6 +80,10 @@ def parse_args(argv=None):
                    help="bk engine: at most this many samples (real + generated; whole patients) per forward and "
                         "backward pass, for a batch too large for the device's memory; the update is the same "
                         "(default: the whole batch in one pass)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=config.AMP,
+                   help="mixed precision: the networks' passes in bfloat16 (faster on a GPU, slower on most CPUs); "
+                        "a private run's per-sample norms, clipping and noise stay float32 (needs --grad_sample_mode "
+                        "bk)")
     return p.parse_args(argv)
 
 

@@ -148,6 +148,14 @@ def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(work):
     assert json.loads((gan_results_dir("chunked") / "config.json").read_text())["args"]["max_physical_batch"] == 3
 
 
+def test_a_mixed_precision_run_trains_in_float32_weights_and_accounts_as_a_float32_run(work):
+    amp = train("--trial", "amp", "--epochs", "1", "--amp")
+    full = train("--trial", "full", "--epochs", "1")
+    assert amp.engine.accountant.history == full.engine.accountant.history
+    assert all(p.dtype == torch.float32 for p in amp.parameters())
+    assert math.isfinite(float(log_rows("amp")[0]["loss_d"]))
+
+
 def test_a_private_step_in_physical_batches_is_the_one_pass_update_with_the_same_noise_draw():
     d, _, data = tiny_critic()
     updates = []
@@ -197,6 +205,7 @@ def test_resume_refuses_other_settings_and_missing_trials(work, capsys):
     (["--dp_mode", "loose"], "--dp_mode 'loose'"),
     (["--grad_sample_mode", "magic"], "--grad_sample_mode 'magic'"),
     (["--max_physical_batch", "0"], "--max_physical_batch 0: needs a size >= 1"),
+    (["--amp", "--grad_sample_mode", "hooks"], "--amp: a private run needs --grad_sample_mode bk (not hooks)"),
     (["--max_physical_batch", "4", "--grad_sample_mode", "hooks"], "--max_physical_batch 4: needs a size >= 1, "
                                                                     "--grad_sample_mode bk"),
 ])

@@ -205,14 +205,17 @@ def _clip_physical_batch(critic, batch, per_sample_loss, max_norm, blocks):
     weights = torch.cat([torch.full((n,), 1.0 / k, device=batch.device) for n, k in blocks])
     losses = per_sample_loss(scores) * weights  # a unit's loss: the mean of its samples' terms
     grads = torch.autograd.grad(losses.sum(), [out for _, _, out in records])  # no weight gradient is formed
-    with torch.no_grad():  # p.grad is data: no autograd graph through the weights
-        layers = [_layer_clipping(layer, x, g, blocks) for (layer, x, _), g in zip(records, grads)]
+    # p.grad is data: no autograd graph through the weights. Under mixed precision (run_gan.py --amp) the passes
+    # above ran in bfloat16; the norms, clip factors and sums run in float32 from the same A and G, so that each
+    # sample's contribution to the sum is exactly the gradient whose norm was clipped.
+    with torch.no_grad(), torch.autocast(batch.device.type, enabled=False):
+        layers = [_layer_clipping(layer, x.float(), g.float(), blocks) for (layer, x, _), g in zip(records, grads)]
         norms = sum(sq for sq, _ in layers).sqrt()
         factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         per_sample = torch.cat([f.repeat_interleave(k) for f, (_, k) in
                                 zip(factors.split([n // k for n, k in blocks]), blocks)])
         sums = [pair for _, clipped_sums in layers for pair in clipped_sums(per_sample)]
-    return scores.detach(), norms, sums
+    return scores.detach().float(), norms, sums
 
 
 def clipped_gradient_sum(critic, batch, per_sample_loss, max_norm, blocks=None, max_physical_batch=None):
