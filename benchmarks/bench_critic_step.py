@@ -1,9 +1,10 @@
 """Cost of privacy per critic step: one strict DP critic step (utils.gan.private_critic_step: per-sample
 gradients, clipping, noise, accounting) against one non-private step (utils.gan.plain_critic_step) of the same
-critic on the same batch, for each Opacus per-sample gradient engine, in one process.
+critic on the same batch, for each per-sample clipping engine (bk and Opacus's), in one process.
 
     python benchmarks/bench_critic_step.py                      # ndf 16 and 96, every mode; last line JSON
     python benchmarks/bench_critic_step.py --ndf 96 --repeats 2 --modes hooks ghost
+    python benchmarks/bench_critic_step.py --arch dcgan --size 64 --ndf 16   # the demo's critic
 DP and non-private steps alternate, so load from other processes affects both alike; medians are reported.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import Discriminator  # noqa: E402
+from model import DCGANCritic, Discriminator  # noqa: E402
 from utils.common import resolve_device  # noqa: E402
 from utils.gan import GRAD_SAMPLE_MODES, make_private_critic, plain_critic_step, private_critic_step  # noqa: E402
 
@@ -55,6 +56,9 @@ def bench_mode(mode, critic, data, real, fake, args, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ndf", type=int, nargs="+", default=[16, 96], help="critic widths (16: demo, 96: paper)")
+    p.add_argument("--arch", default="paper", choices=("paper", "dcgan"),
+                   help="the paper's critic architecture or the dcgan recipe's (the demo's: --size 64 --ndf 16)")
+    p.add_argument("--size", type=int, default=96, help="patch size")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
@@ -68,13 +72,14 @@ def main(argv=None):
     ratios = {}
     for ndf in args.ndf:
         torch.manual_seed(0)
-        critic = Discriminator(ndf=ndf).to(device)
-        data = torch.randn(4 * args.batch_size, 2, 96, 96)  # the private loader's data set: sets q = 1/4
+        critic = (Discriminator(ndf=ndf) if args.arch == "paper" else DCGANCritic(ndf=ndf, size=args.size)).to(device)
+        data = torch.randn(4 * args.batch_size, 2, args.size, args.size)  # the private loader's data: sets q = 1/4
         real = data[:args.batch_size].to(device)
-        fake = torch.randn(args.batch_size, 2, 96, 96, device=device)
+        fake = torch.randn(args.batch_size, 2, args.size, args.size, device=device)
         n_params = sum(p.numel() for p in critic.parameters())
-        print(f"critic ndf={ndf} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size} real + "
-              f"{args.batch_size} fake, {name}, median of {args.repeats} steps after one warm-up")
+        print(f"{args.arch} critic ndf={ndf} ({n_params / 1e6:.2f} M parameters), {args.size} x {args.size}, "
+              f"batch {args.batch_size} real + {args.batch_size} fake, {name}, median of {args.repeats} steps after "
+              f"one warm-up")
         print(f"{'mode':<10} {'DP s':>9} {'non-private s':>14} {'ratio':>7}  note")
         for mode in args.modes:
             try:
@@ -87,7 +92,7 @@ def main(argv=None):
     measured = [m for m in args.modes if all((ndf, m) in ratios for ndf in args.ndf)]
     best = min(measured, key=lambda m: sum(ratios[(ndf, m)] for ndf in args.ndf)) if measured else None
     best_ratios = {f"ratio_ndf{ndf}": None if best is None else round(ratios[(ndf, best)], 3) for ndf in args.ndf}
-    print(json.dumps({"best_mode": best, **best_ratios, "device": name}))
+    print(json.dumps({"best_mode": best, **best_ratios, "device": name, "arch": args.arch, "size": args.size}))
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ def test_clipped_sum_and_norms_equal_those_of_per_sample_gradients(network, norm
     assert scores.shape == (7,) and not scores.requires_grad
 
 
-def test_units_of_k_samples_are_clipped_as_the_mean_of_their_gradients():
+@pytest.mark.parametrize("network", ["paper", "dcgan"])
+def test_units_of_k_samples_are_clipped_as_the_mean_of_their_gradients(network):
     torch.manual_seed(1)
-    critic, k = Discriminator(ndf=4), 3
+    critic, k = Discriminator(ndf=4) if network == "paper" else DCGANCritic(ndf=4), 3
     batch = torch.randn(8, 2, 96, 96)  # 2 patients of 3 real patches, then 2 fake samples
     units = (unit_gradients(copy.deepcopy(critic), batch[:6], -1, k)
              + unit_gradients(copy.deepcopy(critic), batch[6:], 1))
@@ -73,6 +74,7 @@ def test_blocks_that_do_not_cut_the_batch_into_whole_units_are_refused():
     (nn.BatchNorm2d(2, affine=False), "mixes the samples"),
     (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d"),
     (nn.Conv2d(2, 2, 3, groups=2), "groups 1"),
+    (nn.InstanceNorm2d(2, track_running_stats=True), "running statistics"),
 ])
 def test_layers_it_cannot_clip_per_sample_are_refused_by_name(layer, message):
     critic = nn.Sequential(nn.Conv2d(2, 2, 3), layer)
@@ -81,6 +83,26 @@ def test_layers_it_cannot_clip_per_sample_are_refused_by_name(layer, message):
     assert "'1'" in str(err.value)  # the layer's name in the critic
     bookkeeping.check_supported(Discriminator(ndf=4))
     bookkeeping.check_supported(DCGANCritic(ndf=4))
+
+
+def test_a_parameter_shared_by_two_layers_is_refused():
+    """Each layer's norm would be taken alone and the squares added: less than the norm of the summed gradient."""
+    critic = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    critic[2].weight = critic[0].weight
+    with pytest.raises(ValueError, match="layers '0' and '2' share a parameter"):
+        bookkeeping.check_supported(critic)
+
+
+def test_a_parameter_no_layer_used_is_an_error_not_a_step_on_noise_alone():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.extra = nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.fc(x)[:, 0] + torch.nn.functional.linear(x, self.extra.weight)[:, 0]
+    with pytest.raises(ValueError, match="2 parameters of the critic were not used"):
+        bookkeeping.clipped_gradient_sum(Functional(), torch.randn(3, 4), lambda s, rows: s, 1.0)
 
 
 def test_the_paper_critic_mixes_ghost_and_materialised_norms():
@@ -139,7 +161,8 @@ def test_under_mixed_precision_norms_and_sums_are_float32_and_one_sample_moves_t
 
     total, norms = clipped_sum(batch, amp=True)
     assert (norms > max_norm).sum() >= 3  # most samples are clipped: the bound is what is tested
-    without_first, _ = clipped_sum(batch[1:], amp=True)
-    assert (total - without_first).norm() <= max_norm * (1 + 1e-5)
+    for i in range(len(batch)):
+        without_one, _ = clipped_sum(torch.cat([batch[:i], batch[i + 1:]]), amp=True)
+        assert (total - without_one).norm() <= max_norm * (1 + 1e-5)
     reference, _ = clipped_sum(batch, amp=False)
     assert torch.nn.functional.cosine_similarity(total, reference, dim=0) > 0.99  # bfloat16 rounding only

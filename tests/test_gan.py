@@ -13,7 +13,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 import config
 import run_gan
 from model import Discriminator, Generator
-from utils import gan
+from utils import bookkeeping, gan
 from utils.common import gan_model_dir, gan_results_dir, patches_path
 from utils.privacy import gan_privacy, steps_per_epoch
 
@@ -141,15 +141,25 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(work, capsys):
     assert "all 2 epochs are done" in capsys.readouterr().out
 
 
-def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(work):
+def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(work, monkeypatch):
     whole = train("--trial", "whole", "--epochs", "1")
+    sizes = []
+    original = bookkeeping._clip_physical_batch
+    monkeypatch.setattr(bookkeeping, "_clip_physical_batch", lambda critic, batch, *a: sizes.append(len(batch))
+                        or original(critic, batch, *a))
     chunked = train("--trial", "chunked", "--epochs", "1", "--max_physical_batch", "3")
+    assert max(sizes) == 3 and len(sizes) > 2 * chunked.accounted_steps()  # batch 8 + 8: 6 passes a step
     assert chunked.engine.accountant.history == whole.engine.accountant.history
     assert json.loads((gan_results_dir("chunked") / "config.json").read_text())["args"]["max_physical_batch"] == 3
 
 
-def test_a_mixed_precision_run_trains_in_float32_weights_and_accounts_as_a_float32_run(work):
+def test_a_mixed_precision_run_trains_in_float32_weights_and_accounts_as_a_float32_run(work, monkeypatch):
+    passes = []  # whether autocast was on in each private critic pass
+    original = bookkeeping.clipped_gradient_sum
+    monkeypatch.setattr(bookkeeping, "clipped_gradient_sum", lambda *a: passes.append(
+        torch.is_autocast_enabled("cpu")) or original(*a))
     amp = train("--trial", "amp", "--epochs", "1", "--amp")
+    assert passes and all(passes)
     full = train("--trial", "full", "--epochs", "1")
     assert amp.engine.accountant.history == full.engine.accountant.history
     assert all(p.dtype == torch.float32 for p in amp.parameters())
@@ -288,12 +298,13 @@ def test_private_critic_samples_and_accounts_at_rate_batch_over_n_when_batch_doe
     assert engine.accountant.history == [(1.0, 4 / 13, 1)]
 
 
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
 @pytest.mark.parametrize("n_real", [5, 0])
-def test_private_step_noise_has_sd_sigma_c_over_b_and_an_empty_batch_is_one_counted_step(n_real):
+def test_private_step_noise_has_sd_sigma_c_over_b_and_an_empty_batch_is_one_counted_step(n_real, mode):
     sigma, max_norm, batch_size = 2.0, 0.5, 8
     # All-zero weights: every gradient is exactly zero, so the step is the noise / B alone.
     d, _, data = tiny_critic(zero_weights=True)
-    private, dp_opt, engine, _ = privatise(d, data, sigma, max_norm, batch_size)
+    private, dp_opt, engine, _ = privatise(d, data, sigma, max_norm, batch_size, mode)
     diagnostics = gan.private_critic_step(private, dp_opt, data[:n_real], data[8:11], clip_param_w=1e6)[2]
     step = torch.cat([p.detach().flatten() for p in d.parameters()])
     assert len(step) > 40000

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.validators import ModuleValidator
 from torch import nn
 
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear, nn.GroupNorm)
@@ -39,7 +40,19 @@ class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
 
 
 def check_supported(critic):
-    """Raise ValueError naming the first layer the bk engine cannot clip per sample."""
+    """Raise ValueError naming the first layer the bk engine cannot clip per sample, or what Opacus's own module
+    validator refuses (e.g. running statistics learnt from the data without noise). The critic must also treat
+    every sample on its own (no parameter-free mixing across the batch); like Opacus, this cannot be checked."""
+    owners = {}
+    for name, module in critic.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in owners:  # per-layer norms would be added, not those of the summed gradient
+                raise ValueError(f"layers {owners[id(p)]!r} and {name!r} share a parameter; the bk engine clips "
+                                 f"layers with parameters of their own")
+            owners[id(p)] = name
+        if isinstance(module, nn.InstanceNorm2d) and module.track_running_stats:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) keeps running statistics of the data, "
+                             f"which would be released without noise")
     for name, module in critic.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"layer {name!r} ({type(module).__name__}) mixes the samples of a batch; "
@@ -52,6 +65,9 @@ def check_supported(critic):
                              f"--grad_sample_mode")
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
             raise ValueError(f"layer {name!r}: the bk engine needs groups 1 and zero padding")
+    errors = ModuleValidator.validate(critic, strict=False)
+    if errors:
+        raise ValueError(f"Opacus refuses the critic: {errors[0]}")
 
 
 @contextmanager
@@ -210,7 +226,7 @@ def _clip_physical_batch(critic, batch, per_sample_loss, max_norm, blocks):
     # sample's contribution to the sum is exactly the gradient whose norm was clipped.
     with torch.no_grad(), torch.autocast(batch.device.type, enabled=False):
         layers = [_layer_clipping(layer, x.float(), g.float(), blocks) for (layer, x, _), g in zip(records, grads)]
-        norms = sum(sq for sq, _ in layers).sqrt()
+        norms = sum(sq for sq, _ in layers).clamp_min(0).sqrt()  # ghost sums can round below 0
         factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         per_sample = torch.cat([f.repeat_interleave(k) for f, (_, k) in
                                 zip(factors.split([n // k for n, k in blocks]), blocks)])
@@ -239,7 +255,10 @@ def clipped_gradient_sum(critic, batch, per_sample_loss, max_norm, blocks=None, 
         scores.append(part_scores)
         norms.append(part_norms)
         for p, total in sums:
-            totals[p] = totals[p] + total if p in totals else total
-    for p, total in totals.items():
+            totals[id(p)] = (p, totals[id(p)][1] + total) if id(p) in totals else (p, total)
+    missing = [p for p in critic.parameters() if p.requires_grad and id(p) not in totals]
+    if missing:  # e.g. a layer's weight used through a functional call: it would train on noise alone
+        raise ValueError(f"{len(missing)} parameters of the critic were not used by its layers' forward passes")
+    for p, total in totals.values():
         p.grad = total
     return torch.cat(scores), torch.cat(norms)

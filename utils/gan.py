@@ -2,9 +2,10 @@
 
 run_gan.py holds the training loop; this module holds what one step, one epoch end or one resume does.
 
-Privacy (SPEC "DP-WGAN", "The private critic step"): only the critic sees real data. Its gradient goes through
-Opacus: per-sample clipping to max_norm_dp, Gaussian noise noisem x max_norm_dp, division by the expected batch
-size, and one count in the accountant per noisy step. Batches are Poisson samples at rate batch / N.
+Privacy (SPEC "DP-WGAN", "The private critic step"): only the critic sees real data. Its gradient is clipped per
+sample to max_norm_dp (by utils.bookkeeping, engine bk, or by Opacus's engines); Opacus's DP optimizer adds
+Gaussian noise noisem x max_norm_dp, divides by the expected batch size and counts one accountant step per noisy
+step. Batches are Poisson samples at rate batch / N.
 - strict (`private_critic_step`): the standard DP-GAN step. A fresh Poisson batch per critic iteration; the
   real AND the fake samples go through per-sample clipping in one backward pass, one noise draw, one step
   accounted at q = batch / N. The fake samples cost no privacy (they depend on the generator only); clipping
