@@ -11,6 +11,7 @@ DP and non-private steps alternate, so load from other processes affects both al
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -44,12 +45,17 @@ def bench_mode(mode, critic, data, real, fake, args, device):
                                                 len(data), args.batch_size / len(data), args.batch_size, 1.0, 1.0,
                                                 mode)
     dp_times, plain_times = [], []
-    for i in range(args.repeats + 1):  # the first round warms up and is not counted
+    rounds = args.repeats + 1  # the first round warms up and is not counted
+    i = 0
+    while i < rounds:
         dp = timed(lambda: private_critic_step(private, dp_opt, real, fake, 0.01), device)
         np_ = timed(lambda: plain_critic_step(plain, plain_opt, real, fake, 0.01), device)
         if i:
             dp_times.append(dp)
             plain_times.append(np_)
+        else:  # short steps vary more: repeat them until the timed rounds take about args.seconds
+            rounds = max(rounds, 1 + math.ceil(args.seconds / (dp + np_)))
+        i += 1
     return statistics.median(dp_times), statistics.median(plain_times)
 
 
@@ -60,7 +66,9 @@ def main(argv=None):
                    help="the paper's critic architecture or the dcgan recipe's (the demo's: --size 64 --ndf 16)")
     p.add_argument("--size", type=int, default=96, help="patch size")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds at least")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="per engine, repeat short steps until the timed rounds take about this long")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modes", nargs="+", default=list(GRAD_SAMPLE_MODES), help=", ".join(GRAD_SAMPLE_MODES))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -78,8 +86,8 @@ def main(argv=None):
         fake = torch.randn(args.batch_size, 2, args.size, args.size, device=device)
         n_params = sum(p.numel() for p in critic.parameters())
         print(f"{args.arch} critic ndf={ndf} ({n_params / 1e6:.2f} M parameters), {args.size} x {args.size}, "
-              f"batch {args.batch_size} real + {args.batch_size} fake, {name}, median of {args.repeats} steps after "
-              f"one warm-up")
+              f"batch {args.batch_size} real + {args.batch_size} fake, {name}, median of at least {args.repeats} steps "
+              f"(about {args.seconds:g} s) after one warm-up")
         print(f"{'mode':<10} {'DP s':>9} {'non-private s':>14} {'ratio':>7}  note")
         for mode in args.modes:
             try:
