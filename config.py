@@ -73,7 +73,7 @@ GRAD_SAMPLE_MODE = "bk"
 # logical batch fits a GPU (the update is the same); None: the whole batch at once.
 MAX_PHYSICAL_BATCH = None
 # Mixed precision (bfloat16 autocast) for the networks' passes, e.g. on a GPU; the private step's norms, clipping
-# and noise stay float32 (README "Speed"). False: float32 throughout.
+# and noise stay float32 (README "Speed of the private critic step"). False: float32 throughout.
 AMP = False
 PRIVACY_UNIT = "patch"  # "patch": the paper's; "patient": patient-level DP (Poisson-sampled patients)
 BATCH_PATIENTS = 4  # --privacy_unit patient: expected patients per critic iteration
