@@ -81,9 +81,9 @@ def parse_args(argv=None):
                         "backward pass, for a batch too large for the device's memory; the update is the same "
                         "(default: the whole batch in one pass)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=config.AMP,
-                   help="mixed precision: the networks' passes in bfloat16 (faster on a GPU, slower on most CPUs); "
-                        "a private run's per-sample norms, clipping and noise stay float32 (needs --grad_sample_mode "
-                        "bk)")
+                   help="mixed precision: the networks' passes in bfloat16 (faster on a GPU and on CPUs with bfloat16 "
+                        "instructions); a private run's per-sample norms, clipping and noise stay float32 (needs "
+                        "--grad_sample_mode bk)")
     return p.parse_args(argv)
 
 
