@@ -166,3 +166,8 @@ def test_under_mixed_precision_norms_and_sums_are_float32_and_one_sample_moves_t
         assert (total - without_one).norm() <= max_norm * (1 + 1e-5)
     reference, _ = clipped_sum(batch, amp=False)
     assert torch.nn.functional.cosine_similarity(total, reference, dim=0) > 0.99  # bfloat16 rounding only
+
+
+def test_what_opacus_refuses_is_refused_too():
+    with pytest.raises(ValueError, match="Opacus refuses the critic: .*training mode"):
+        bookkeeping.check_supported(Discriminator(ndf=4).eval())

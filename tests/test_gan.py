@@ -118,6 +118,15 @@ def test_strict_draws_a_batch_per_critic_iteration_and_paper_one_per_generator_u
     assert len(drawn) == steps_per_epoch(N_PATCHES, config.BATCH_SIZE) * batches_per_update
 
 
+def test_a_run_whose_poisson_draws_are_empty_trains_and_counts_each_as_a_noisy_step(work, monkeypatch, dp_steps):
+    endless = gan.endless
+    monkeypatch.setattr(gan, "endless", lambda sampler: ([] if i % 2 else batch for i, batch in
+                                                         enumerate(endless(sampler))))  # every other draw empty
+    trial = train("--epochs", "1")
+    assert len(dp_steps) == trial.accounted_steps() == trial.updates_per_epoch * config.N_DISCR
+    assert math.isfinite(float(log_rows()[0]["loss_d"]))
+
+
 def test_non_private_run_has_infinite_epsilon_and_no_noisy_steps(work, dp_steps):
     train("--epochs", "1", "--noisem", "inf")
     row = log_rows()[0]

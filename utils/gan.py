@@ -751,7 +751,8 @@ class GanTrial:
     # -- the loop's verbs --
     def real_batch(self):
         """A fresh Poisson batch of real pairs (possibly empty)."""
-        return self.data[torch.as_tensor(next(self.indices), device=self.data.device)].to(self.device)
+        indices = torch.as_tensor(next(self.indices), dtype=torch.long, device=self.data.device)  # may be []
+        return self.data[indices].to(self.device)
 
     def fake_batch(self):
         """batch_units generated pairs: as many as the expected real units, so both halves have one scale."""
