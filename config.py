@@ -22,6 +22,9 @@ VOLUME_SHAPE = (312, 384, 127)  # voxels of the phantoms, x y z (z axial)
 VOXEL_SPACING = (0.5, 0.5, 0.7)  # mm
 PHANTOM_SEED = 2022
 EXTERNAL_SPLITS = ("test2",)  # imaged with the phantoms' other protocol (the external 1000Plus set)
+# Skull stripping, as the authors prepared their scans: image and label x brain mask wherever a volume is read
+# (patches, prediction, evaluation). False: the raw scan, skull and scalp included (README "Data preparation").
+SKULL_STRIP = True
 
 # ---- Patch extraction (step 1) ----
 PATCH_SIZE = 96

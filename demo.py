@@ -1,9 +1,10 @@
 """`make demo`: the whole experiment at a small scale on the CPU, one numbered step after another.
 
 Runs the real scripts with the demo preset (DPGAN_PRESET=demo) in demo_data/ and demo_work/:
-phantoms -> patches -> a non-private GAN on the training patches, and a GAN on "public" phantoms (other patients:
-they stand in for a public labelled dataset) -> the private GAN, started from the public one (run_gan.py
---init_from) and trained with DP on the training patches -> synthetic sets (and their release bundles) ->
+phantoms (skull-stripped as they are read, config.SKULL_STRIP) -> patches -> a GAN on "public" phantoms (other
+patients: they stand in for a public labelled dataset) -> two GANs started from the public one (run_gan.py
+--init_from) and trained on the training patches with the same recipe and number of updates, one with DP and one
+without, so that their rows differ by privacy alone -> synthetic sets (and their release bundles) ->
 membership-inference audit of each set and of a copy of the training patches (the positive control) -> U-Nets
 on real and on each synthetic set -> evaluation -> one side-by-side table. A step whose output exists is skipped, so
 running it again reuses what is there (delete demo_work/ to start over). `make utility` runs the same steps with
@@ -33,9 +34,10 @@ from utils import common, privacy  # noqa: E402
 from utils.audit import audit_paths  # noqa: E402
 
 TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, as in the paper's best model
-# The private GAN's epochs: a third of the non-private GAN's, trained on from the public GAN. Started cold, no private
-# recipe of the study learned anything (README); started from public data, the DP steps adapt it to the patients,
-# and fewer of them need less noise for the same epsilon.
+# The epochs on the training patches of the private GAN and of its non-private reference, both trained on from the
+# public GAN: a third of the public GAN's. Started cold, no private recipe of the study learned anything (README);
+# started from public data, the DP steps adapt it to the patients, and fewer of them need less noise for the same
+# epsilon. The reference gets the same start and as many updates, so the rows compare privacy, not budgets.
 PRIVATE_EPOCHS = max(1, config.EPOCHS // 3)
 THRESH = config.THRESH
 MEMORISER = common.patches_path("train").stem  # the audit's name of the training patches as a "synthetic set"
@@ -120,7 +122,7 @@ def demo_stages(noisem):
     public_work = public["DPGAN_WORK_DIR"]
     public_start = checkpoint(PUBLIC_TRIAL, config.EPOCHS - 1, public_work)
     private, nonprivate = f"{config.PRESET}_private", f"{config.PRESET}_nonprivate"
-    trials = {nonprivate: (math.inf, config.EPOCHS), private: (noisem, PRIVATE_EPOCHS)}
+    trials = {nonprivate: (math.inf, PRIVATE_EPOCHS), private: (noisem, PRIVATE_EPOCHS)}
     select = {t: ["--trial", t, "--epoch", str(epochs - 1), "--thresh", str(THRESH)] for t, (_, epochs) in
               trials.items()}
     names = {t: common.synthetic_name(t, epochs - 1, THRESH) for t, (_, epochs) in trials.items()}
@@ -128,9 +130,9 @@ def demo_stages(noisem):
     def gan(trial, env=None):
         sigma, epochs = trials[trial] if trial in trials else (math.inf, config.EPOCHS)
         args = gan_args(trial, sigma, epochs, env and public_work)
-        if trial == private:
+        if trial in trials:
             args += ["--init_from", str(public_start)]
-        origin = " from the public GAN" if trial == private else " on public phantoms" if env else ""
+        origin = " from the public GAN" if trial in trials else " on public phantoms" if env else ""
         return Step(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs{origin})", args,
                     lambda: gan_done(trial, epochs, env and public_work), env)
 
@@ -158,10 +160,10 @@ def demo_stages(noisem):
               [Step("public patches", ["extract_patches.py", "--split", "train"], public_patches.is_file, public)],
               [Step("test patches (for FID)", ["extract_patches.py", "--split", "test"],
                     lambda: common.patches_path("test").is_file())],
-              [gan(nonprivate), gan(PUBLIC_TRIAL, public)],
+              # the real-data U-Net trains beside the public GAN; both GANs of the training patches start from it
+              [gan(PUBLIC_TRIAL, public), unets(*sets[0])],
+              [gan(nonprivate), gan(private)],
               *synthesis_and_audit(nonprivate),
-              # the DP steps start from the public GAN; the real-data U-Net trains beside them
-              [gan(private), unets(*sets[0])],
               *synthesis_and_audit(private),
               # positive control of the audit: a "synthetic set" that is a copy of the training patches must be caught
               [Step("privacy audit of a copy of the training patches (positive control)",

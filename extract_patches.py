@@ -1,6 +1,7 @@
 """Step 1: draw 2-D axial patches (half vessel-centred, half brain-centred) from every patient of a split.
 
-Writes WORK_DIR/patches/<split>_patches.npz (img, label, patient, centre) and a montage PNG beside it.
+Writes WORK_DIR/patches/<split>_patches.npz (img, label, patient, centre, skull_stripped) and a montage PNG beside
+it. With config.SKULL_STRIP (the default, as the authors did) image and label are multiplied by the brain mask first.
 Example: python extract_patches.py --split train
 """
 
@@ -8,6 +9,7 @@ import argparse
 
 import config
 from utils.common import patches_path, print_setup, script_main
+from utils.data import preparation_name
 from utils.patches import montage_path, write_patches
 
 
@@ -27,7 +29,8 @@ def main(argv=None):
     patches = write_patches(args.split, args.seed, args.n_per_patient, args.n_vessel, args.overwrite)
     n_patients = len(set(patches["patient"]))
     print(f"{len(patches['img'])} patches ({n_patients} patients x {args.n_per_patient}, {args.n_vessel} "
-          f"vessel-centred each) -> {patches_path(args.split)}\nmontage -> {montage_path(args.split)}")
+          f"vessel-centred each) of {preparation_name(config.SKULL_STRIP)} volumes -> {patches_path(args.split)}\n"
+          f"montage -> {montage_path(args.split)}")
 
 
 if __name__ == "__main__":

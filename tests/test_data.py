@@ -43,9 +43,9 @@ def test_load_patient_round_trip_from_config_data_dir(dirs):
     data, _, _ = dirs
     arrays = write_split(data)
     patient = config.PATIENT_IDS["train"][1]
-    volume = load_patient("train", patient)  # data_dir defaults to config.DATA_DIR (monkeypatched)
+    volume = load_patient("train", patient, skull_strip=False)  # data_dir defaults to config.DATA_DIR (monkeypatched)
     assert isinstance(volume, Volume)
-    assert volume.patient == patient and volume.split == "train"
+    assert volume.patient == patient and volume.split == "train" and not volume.skull_stripped
     assert volume.img.dtype == np.float32 and volume.label.dtype == np.uint8 and volume.mask.dtype == np.uint8
     for kind in ("img", "label", "mask"):
         np.testing.assert_array_equal(getattr(volume, kind), arrays[patient][kind])
@@ -145,3 +145,48 @@ def test_damaged_file_is_a_pipeline_error(dirs):
     path.write_bytes(path.read_bytes()[:2000])  # a truncated download
     with pytest.raises(PipelineError, match=r"patient p: .*p_img.nii.gz"):
         load_patient("train", "p")
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_volumes_are_skull_stripped_as_the_authors_did_unless_switched_off(dirs, monkeypatch, setting):
+    """config.SKULL_STRIP (default on): image and label x brain mask: no patch, prediction or score sees the scalp."""
+    assert config.SKULL_STRIP is True  # the default, as the authors prepared their scans
+    data, _, _ = dirs
+    arrays = make_arrays(seed=3)
+    arrays["label"][0, 0, :] = 1  # a "vessel" outside the brain (a scalp artery, or a label error)
+    write_patient(data, "train", "p", arrays)
+    monkeypatch.setattr(config, "SKULL_STRIP", setting)
+    volume = load_patient("train", "p")
+    assert volume.skull_stripped is setting and volume.img.dtype == np.float32 and volume.label.dtype == np.uint8
+    outside = arrays["mask"] == 0
+    if setting:
+        assert not volume.img[outside].any() and not volume.label[outside].any()
+        np.testing.assert_array_equal(volume.img, arrays["img"] * arrays["mask"])
+        np.testing.assert_array_equal(volume.label, arrays["label"] * arrays["mask"])
+    else:
+        np.testing.assert_array_equal(volume.img, arrays["img"])
+        assert volume.label[0, 0, 0] == 1
+    np.testing.assert_array_equal(volume.mask, arrays["mask"])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_voxels_are_refused_naming_the_file_and_the_count(dirs, value):
+    data, _, _ = dirs
+    arrays = make_arrays(seed=4)
+    arrays["img"][10, 10, 0] = arrays["img"][11, 12, 1] = value
+    write_patient(data, "train", "p", arrays)
+    with pytest.raises(PipelineError, match=r"p_img.nii.gz has 2 voxels that are NaN or infinite"):
+        load_patient("train", "p")
+
+
+def test_check_preparation_refuses_outputs_of_the_other_preparation_and_names_the_remedy(monkeypatch):
+    from utils.data import check_preparation, stripped_of
+
+    check_preparation(True, "U-Net x", "retrain")  # the same preparation passes
+    with pytest.raises(PipelineError, match=r"U-Net x was made from raw \(not skull-stripped\) volumes.*`retrain`"):
+        check_preparation(False, "U-Net x", "retrain")
+    monkeypatch.setattr(config, "SKULL_STRIP", False)
+    with pytest.raises(PipelineError, match=r"skull-stripped .* volumes, but config.SKULL_STRIP is False"):
+        check_preparation(True, "U-Net x", "retrain")
+    # outputs written before the setting existed record nothing: their volumes were raw
+    assert stripped_of({}) is False and stripped_of({"skull_stripped": np.array(True)}) is True

@@ -36,5 +36,16 @@ def test_private_gan_trains_the_patches_from_the_checkpoint_of_a_gan_on_other_pa
     assert own.env is None and other.env == demo.public_env()
     assert other.args[other.args.index("--seed") + 1] == str(config.PHANTOM_SEED + 1)  # other patients
     assert other.args[other.args.index("--splits") + 1] == "train"
-    nonprivate = gans[f"{config.PRESET}_nonprivate"][1]
-    assert "--init_from" not in nonprivate.args and nonprivate.env is None
+
+
+def test_the_non_private_reference_has_the_private_gans_start_and_updates(monkeypatch, dirs):
+    """The rows compare privacy: the non-private GAN starts from the same public GAN and trains as many epochs of
+    the same training patches; only the noise differs."""
+    demo = load_demo(monkeypatch, dirs)
+    gans = {step.args[2]: (i, step) for i, step in steps(demo.demo_stages(0.61)) if step.args[0] == "run_gan.py"}
+    (i_np, nonprivate), (_, private) = gans[f"{config.PRESET}_nonprivate"], gans[f"{config.PRESET}_private"]
+    assert i_np > gans[demo.PUBLIC_TRIAL][0]
+    flag = lambda step, name: step.args[step.args.index(name) + 1]  # noqa: E731
+    assert flag(nonprivate, "--init_from") == flag(private, "--init_from")
+    assert flag(nonprivate, "--epochs") == flag(private, "--epochs")
+    assert math.isinf(float(flag(nonprivate, "--noisem"))) and nonprivate.env is None

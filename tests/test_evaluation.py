@@ -27,6 +27,7 @@ from utils.evaluation import (
     brain_box_tiles,
     ensure_test_patches,
     errormap_path,
+    evaluate_model_on_split,
     evaluate_training_input,
     patient_csv_path,
     predict_volume,
@@ -184,7 +185,7 @@ def write_patches(split, n, rng):
     img = rng.uniform(0, 1000, size=(n, 96, 96)).astype(np.float32)
     label = (rng.random((n, 96, 96)) < 0.05).astype(np.uint8)
     save_npz(patches_path(split), img=img, label=label, patient=np.array([f"{split}_000"] * n),
-             centre=np.full((n, 3), 48, np.int32))
+             centre=np.full((n, 3), 48, np.int32), skull_stripped=np.array(True))
 
 
 def write_synthetic(trial, epsilon, rng, n=30):
@@ -204,7 +205,7 @@ def write_unets(train_input):
         run_dir = unet_dir(train_input) / run_name(params)
         save_json(run_dir / "meta.json", {**params, "epochs": 1, "batch_size": 8, "kernels": list(config.UNET_KERNELS),
                                           "mean": 120.0, "sd": 60.0, "train_input": train_input, "n_train": 30,
-                                          "train_sha256": file_sha256(data)})
+                                          "train_sha256": file_sha256(data), "skull_stripped": True})
         save_torch(run_dir / "model.pt", {"state_dict": model.state_dict(), "kernels": list(config.UNET_KERNELS),
                                           "dropout": params["dropout"], "mean": 120.0, "sd": 60.0})
 
@@ -285,6 +286,17 @@ def test_tsne_groups_real_evaluated_and_other_kind(workspace):
                             f"non-private (eps inf) DP_NP_{EPOCH}_{THRESH}"]
     assert all(len(images) == config.N_TSNE_IMAGES for images in groups.values())
     assert groups[real].min() == 0 and groups[real].max() == 255  # min-max scaled per patch
+
+
+def test_unets_trained_on_stripped_patches_refuse_raw_volumes(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(config, "SKULL_STRIP", False)
+    with pytest.raises(SystemExit):
+        run_eval(missing_weights=tmp_path / "none.pth")
+    err = capsys.readouterr().err
+    assert "model.pt (its training patches) was made from skull-stripped" in err and "SKULL_STRIP is False" in err
+    assert not result_paths(TRAIN_INPUT)[0].exists() and not (workspace[1] / "predictions").exists()
+    with pytest.raises(PipelineError, match="made from skull-stripped"):  # called alone, too
+        evaluate_model_on_split(unet_dir(TRAIN_INPUT) / run_name(grid()[0]), "val", "cpu")
 
 
 def test_unets_of_a_regenerated_set_are_refused(workspace, tmp_path, capsys):

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "
 N_PATCHES = 32  # tiny preset: batch 8 -> 4 generator updates per epoch, n_discr 2
 
 
-def write_patches(n=N_PATCHES, seed=0, size=96):
-    """A small synthetic patches file: noise images with one bright disc, labelled."""
+def write_patches(n=N_PATCHES, seed=0, size=96, **extra):
+    """A small synthetic patches file: noise images with one bright disc, labelled; extra: more arrays."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     img = rng.normal(100, 20, (n, size, size)).astype(np.float32)
@@ -36,7 +36,7 @@ def write_patches(n=N_PATCHES, seed=0, size=96):
         label[i][disc], img[i][disc] = 1, img[i][disc] + 300
     path = patches_path("train")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, img=img, label=label, patient=np.array(["p0"] * n), centre=np.zeros((n, 3), np.int32))
+    np.savez(path, img=img, label=label, patient=np.array(["p0"] * n), centre=np.zeros((n, 3), np.int32), **extra)
 
 
 @pytest.fixture
@@ -603,6 +603,20 @@ def test_init_from_a_gan_of_another_folder_trained_on_the_same_patches_is_refuse
         same_patients = gan.checkpoint_path("np", 0)
     err = expect_error(capsys, "--init_from", str(same_patients))
     assert "trained on the same patches file as this run" in err and not gan_results_dir("t").exists()
+
+
+def test_a_run_records_its_patches_preparation_and_refuses_a_public_start_prepared_otherwise(dirs, capsys,
+                                                                                              monkeypatch):
+    work = dirs[1]
+    public = train_public(monkeypatch, work)  # its patches file records nothing: cut from raw scans
+    assert json.loads((work / "public" / "results" / "WGAN_public" / "config.json").read_text())[
+        "skull_stripped"] is False
+    write_patches(skull_stripped=np.array(True))
+    err = expect_error(capsys, "--init_from", str(public))
+    assert "trained on raw (not skull-stripped) patches, this run's are skull-stripped" in err
+    assert not gan_results_dir("t").exists()
+    train("--epochs", "1", "--noisem", "inf")
+    assert json.loads((gan_results_dir("t") / "config.json").read_text())["skull_stripped"] is True
 
 
 def test_init_from_starts_the_generator_and_its_average_from_the_public_average(work, monkeypatch):

@@ -11,7 +11,7 @@ import config
 import extract_patches
 from utils.common import PipelineError, load_npz, patches_path
 from utils.data import patient_paths
-from utils.patches import draw_centres, extract_split, montage_path, patient_rng
+from utils.patches import draw_centres, ensure_patches, extract_split, montage_path, patient_rng, recorded_preparation
 
 HALF = config.PATCH_SIZE // 2
 KEYS = ("img", "label", "patient", "centre")
@@ -49,7 +49,8 @@ def test_patches_file_matches_the_volumes(dirs, capsys):
         assert len(np.unique(centres, axis=0)) == n, "a centre was used twice"
         assert (centres[:, :2] - HALF >= 0).all() and (centres[:, :2] + HALF <= shape[:2]).all()
         assert ((centres[:, 2] >= 0) & (centres[:, 2] < shape[2])).all()
-        volume = volumes[patient]
+        volume = {**volumes[patient], "img": volumes[patient]["img"] * volumes[patient]["mask"],
+                  "label": volumes[patient]["label"] * volumes[patient]["mask"]}  # skull-stripped (config default)
         x, y, z = centres.T
         assert (volume["label"][x[:n_vessel], y[:n_vessel], z[:n_vessel]] == 1).all()
         assert (volume["mask"][x[n_vessel:], y[n_vessel:], z[n_vessel:]] == 1).all()
@@ -58,6 +59,23 @@ def test_patches_file_matches_the_volumes(dirs, capsys):
             np.testing.assert_array_equal(patches["img"][row], volume["img"][window])
             np.testing.assert_array_equal(patches["label"][row], volume["label"][window])
     assert montage_path("train").is_file() and montage_path("train").read_bytes()[:4] == b"\x89PNG"
+    assert patches["skull_stripped"] and recorded_preparation(patches_path("train")) and "skull-stripped" in out
+
+
+def test_patches_of_raw_volumes_say_so_and_are_refused_where_volumes_are_read_stripped(dirs, capsys, monkeypatch):
+    data, _, _ = dirs
+    volumes = write_split(data)
+    monkeypatch.setattr(config, "SKULL_STRIP", False)
+    assert run_script(capsys)[0] == 0
+    patches = load_npz(patches_path("train"), KEYS)
+    assert not patches["skull_stripped"] and not recorded_preparation(patches_path("train"))
+    first = config.PATIENT_IDS["train"][0]
+    x, y, z = patches["centre"][0]
+    window = np.s_[x - HALF:x + HALF, y - HALF:y + HALF, z]
+    np.testing.assert_array_equal(patches["img"][0], volumes[first]["img"][window])  # the scalp is still there
+    monkeypatch.setattr(config, "SKULL_STRIP", True)
+    with pytest.raises(PipelineError, match="made from raw .* volumes, but config.SKULL_STRIP is True"):
+        ensure_patches("train")
 
 
 def test_same_seed_same_patches_other_seed_differs(dirs):

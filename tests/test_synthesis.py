@@ -64,7 +64,8 @@ def make_trial(work, label_weight=None, epochs=(0, 1, 2, 3, 4), noisem=1.0, tria
     results = gan_results_dir(trial)
     results.mkdir(parents=True, exist_ok=True)
     args = {"trial": trial, "noisem": noisem, "dp_mode": "strict", "max_norm_dp": 1.0, "n_discr": 2}
-    (results / "config.json").write_text(json.dumps({"args": args, "n_samples": N_TRAIN, "delta": 1 / N_TRAIN}))
+    (results / "config.json").write_text(json.dumps({"args": args, "n_samples": N_TRAIN, "delta": 1 / N_TRAIN,
+                                                     "skull_stripped": True}))
     with open(results / "log.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(LOG_COLUMNS)
@@ -106,6 +107,7 @@ def test_generated_files_have_the_documented_keys_shapes_and_ranges(dirs):
         (TRIAL, 2, 2, config.THRESH, 20)
     assert (info["epsilon"], info["noisem"], info["dp_mode"]) == (epsilon_after(2), 1.0, "strict")
     assert info["seed"] == config.SYNTHESIS_SEED
+    assert info["skull_stripped"] is True and info["started_from"] is None  # from its GAN's config.json; a cold start
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 

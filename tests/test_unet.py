@@ -9,7 +9,7 @@ import torch
 import config
 import run_unet
 from model import UNet
-from utils.common import file_sha256, minmax_scale, patches_path, save_npz, synthetic_path, unet_dir
+from utils.common import file_sha256, minmax_scale, patches_path, save_json, save_npz, synthetic_path, unet_dir
 from utils.unet import (
     augment,
     grid,
@@ -43,9 +43,18 @@ def blob_patches(n, seed=0, scale=1000.0):
 
 def write_real(n=N, **overrides):
     img, label = blob_patches(n)
-    arrays = {"img": img, "label": label, "patient": np.array(["train_000"] * n), **overrides}
+    arrays = {"img": img, "label": label, "patient": np.array(["train_000"] * n), "skull_stripped": np.array(True),
+              **overrides}
     save_npz(patches_path("train"), **arrays)
     return img, label
+
+
+def write_synthetic(img, label, skull_stripped=True):
+    """A synthetic set DP_G_3_0.8 and the information file generate_samples.py writes beside it."""
+    path = synthetic_path("G", 3, 0.8)
+    save_npz(path, img=minmax_scale(img, 0, 255)[..., None], label=label[..., None])
+    save_json(path.with_suffix(".json"), {"trial": "G", "epoch": 3, "skull_stripped": skull_stripped})
+    return path
 
 
 def train(*args):
@@ -210,17 +219,16 @@ def test_run_unet_on_real_patches_writes_models_and_skips_existing(dirs, capsys)
 def test_run_unet_on_a_synthetic_set(dirs, monkeypatch):
     monkeypatch.setattr(config, "UNET_AUGMENTATION", (False,))
     img, label = blob_patches(N)
-    save_npz(synthetic_path("G", 3, 0.8), img=minmax_scale(img, 0, 255)[..., None], label=label[..., None])
+    write_synthetic(img, label)
     train("--trial", "G", "--epoch", "3", "--thresh", "0.8")
     meta = json.loads((unet_dir("DP_G_3_0.8") / "lr0.001_do0_aug0" / "meta.json").read_text())
-    assert meta["train_input"] == "DP_G_3_0.8" and meta["n_train"] == N
+    assert meta["train_input"] == "DP_G_3_0.8" and meta["n_train"] == N and meta["skull_stripped"] is True
 
 
 def test_unets_of_a_regenerated_set_are_refused_and_overwrite_retrains(dirs, monkeypatch, capsys):
     monkeypatch.setattr(config, "UNET_AUGMENTATION", (False,))
     img, label = blob_patches(N)
-    path = synthetic_path("G", 3, 0.8)
-    save_npz(path, img=minmax_scale(img, 0, 255)[..., None], label=label[..., None])
+    path = write_synthetic(img, label)
     train("--trial", "G", "--epoch", "3", "--thresh", "0.8")
     model = unet_dir("DP_G_3_0.8") / "lr0.001_do0_aug0" / "model.pt"
     stamp = model.stat().st_mtime_ns
@@ -264,6 +272,29 @@ def test_malformed_patches_are_refused(dirs, capsys, overrides, message):
     err = expect_error(capsys, "--real")
     assert message in err and str(patches_path("train")) in err
     assert not (work / "unets").exists()
+
+
+@pytest.mark.parametrize("real", [True, False])
+def test_training_patches_prepared_otherwise_than_the_volumes_are_read_are_refused_before_training(dirs, capsys,
+                                                                                                   monkeypatch, real):
+    """A U-Net learns what the volumes it will predict look like: patches cut from raw scans (or a GAN trained on
+    them) cannot teach a U-Net that predicts skull-stripped volumes, and the other way round."""
+    _, work, _ = dirs
+    img, label = blob_patches(N)
+    if real:
+        write_real(skull_stripped=np.array(False))
+        path, flags = patches_path("train"), ["--real"]
+    else:
+        path, flags = write_synthetic(img, label, skull_stripped=False), ["--trial", "G", "--epoch", "3", "--thresh",
+                                                                          "0.8"]
+    err = expect_error(capsys, *flags)
+    assert f"training set {path} was made from raw (not skull-stripped) volumes" in err
+    assert "config.SKULL_STRIP is True" in err and not (work / "unets").exists()
+    monkeypatch.setattr(config, "SKULL_STRIP", False)
+    monkeypatch.setattr(config, "UNET_AUGMENTATION", (False,))
+    train(*flags)
+    meta = json.loads(next((work / "unets").glob("*/*/meta.json")).read_text())
+    assert meta["skull_stripped"] is False
 
 
 def test_unet_starts_as_the_authors_keras_unet_glorot_uniform_weights_and_zero_biases():

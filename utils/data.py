@@ -1,7 +1,13 @@
-"""Loading and checking the TOF-MRA volumes: DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz.
+"""Loading, checking and preparing the TOF-MRA volumes: DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz.
 
 Every problem with the data becomes one PipelineError that names the patient, the file and what is wrong,
 so a script can stop before it writes anything.
+
+Preparation, as the authors did (README, "Data preparation: skull stripping"): with config.SKULL_STRIP the image and the
+label are multiplied by the brain mask as the volume is loaded, so every patch, prediction and score sees the brain
+only, never the skull and the bright scalp fat of a raw TOF-MRA scan. Every output that derives from volumes
+records whether they were stripped (`skull_stripped`), and a U-Net refuses volumes prepared otherwise than the
+patches it learned from.
 """
 
 from collections import namedtuple
@@ -13,8 +19,9 @@ import numpy as np
 import config
 from utils.common import PipelineError
 
-Volume = namedtuple("Volume", "img label mask affine spacing patient split")
-Volume.__doc__ = """One patient: img float32 (X,Y,Z), label and mask uint8 0/1, affine 4x4, spacing (mm, 3 floats)."""
+Volume = namedtuple("Volume", "img label mask affine spacing patient split skull_stripped")
+Volume.__doc__ = """One patient: img float32 (X,Y,Z), label and mask uint8 0/1, affine 4x4, spacing (mm, 3 floats);
+skull_stripped: img and label were multiplied by the mask."""
 
 VolumeHeader = namedtuple("VolumeHeader", "shape affine spacing patient split")
 VolumeHeader.__doc__ = """What the NIfTI headers of one patient say, read without loading the voxels."""
@@ -36,15 +43,47 @@ def patient_paths(split, patient, data_dir=None):
     return {kind: folder / f"{patient}_{kind}.nii.gz" for kind in KINDS}
 
 
-def load_patient(split, patient, data_dir=None):
-    """Load and check one patient's image, vessel label and brain mask; returns a Volume."""
+def load_patient(split, patient, data_dir=None, skull_strip=None):
+    """Load, check and prepare one patient's image, vessel label and brain mask; returns a Volume.
+
+    skull_strip (default config.SKULL_STRIP): multiply image and label by the brain mask."""
+    skull_strip = config.SKULL_STRIP if skull_strip is None else bool(skull_strip)
     images = _open_checked(split, patient, data_dir)
     paths = patient_paths(split, patient, data_dir)
     img = _read(images["img"], paths["img"], patient, "the image", lambda nii: nii.get_fdata(dtype=np.float32))
+    n_bad = img.size - int(np.count_nonzero(np.isfinite(img)))
+    if n_bad:
+        raise PipelineError(f"patient {patient}: image {paths['img']} has {n_bad} voxels that are NaN or infinite "
+                            f"(of {img.size}); repair or re-export the scan (nothing was written)")
     label = _read_binary(images["label"], paths["label"], patient, "vessel label")
     mask = _read_binary(images["mask"], paths["mask"], patient, "brain mask")
+    if skull_strip:
+        img, label = img * mask, label * mask
     header = _header(images["img"], patient, split)
-    return Volume(img, label, mask, header.affine, header.spacing, patient, split)
+    return Volume(img, label, mask, header.affine, header.spacing, patient, split, skull_strip)
+
+
+def stripped_of(record):
+    """Whether a patches file's arrays or a run's JSON record say its volumes were skull-stripped. Files written
+    before the setting existed record nothing: their volumes were raw."""
+    value = record.get("skull_stripped", False)
+    return bool(np.asarray(value)) if value is not None else False
+
+
+def preparation_name(skull_stripped):
+    return "skull-stripped (image and label x brain mask)" if skull_stripped else "raw (not skull-stripped)"
+
+
+def check_preparation(recorded_stripped, what, remedy):
+    """Refuse to use something made from volumes prepared one way (skull-stripped or raw) where volumes are now read
+    the other way (config.SKULL_STRIP): a U-Net that never saw a scalp marks it as vessel, and the other way round.
+    what: the output, named with its path; remedy: the command that makes it again."""
+    if bool(recorded_stripped) != bool(config.SKULL_STRIP):
+        raise PipelineError(f"{what} was made from {preparation_name(recorded_stripped)} volumes, but "
+                            f"config.SKULL_STRIP is {config.SKULL_STRIP}, so volumes are now read "
+                            f"{preparation_name(config.SKULL_STRIP)}; set SKULL_STRIP = {bool(recorded_stripped)} in "
+                            f"config.py, or make it again from the volumes as they are now read (`{remedy}`); nothing "
+                            f"was written")
 
 
 def read_header(split, patient, data_dir=None):

@@ -54,9 +54,17 @@ from utils.common import (
     training_input,
     unet_dir,
 )
-from utils.data import load_patient, patient_ids, validate_split
+from utils.data import load_patient, patient_ids, preparation_name, validate_split
 from utils.patches import ensure_patches, gather_patches
-from utils.unet import check_trained_on, grid, is_collapsed, load_unet, predict_patches, run_name
+from utils.unet import (
+    check_trained_on,
+    check_unet_preparation,
+    grid,
+    is_collapsed,
+    load_unet,
+    predict_patches,
+    run_name,
+)
 
 Tile = namedtuple("Tile", "x0 y0 own_x own_y")
 Tile.__doc__ = """A 96 x 96 tile img[x0:x0+96, y0:y0+96, z] and the voxels it owns: img[own_x, own_y, z]."""
@@ -213,6 +221,7 @@ def evaluate_model_on_split(run_dir, split, device=None, overwrite=False, batch_
     train_input defaults to run_dir's parent folder name (run_dir = unet_dir(train_input) / run name)."""
     run_dir = Path(run_dir)
     train_input = train_input or run_dir.parent.name
+    check_unet_preparation(run_dir, "run_unet.py with --overwrite")
     model_file = run_dir / "model.pt"
     unet = None
     rows = []
@@ -425,7 +434,7 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
     privacy += audit_fields(train_input, set_info)
     val_best = selection["val"][best.name]
     fields = [("training input", "training_input", train_input), ("training data", "training_data", str(data_path)),
-              *privacy]
+              ("volumes and patches", "skull_stripped", preparation_name(config.SKULL_STRIP)), *privacy]
     collapsed = f"predict(s) (almost) no vessel on val: fewer voxels than {config.COLLAPSE_FRACTION:g} of the true"
     if len(selection["collapsed"]) == len(selection["val"]):
         fields.append(("WARNING", "warning", f"every U-Net of the grid collapsed ({collapsed}): the scores below "
@@ -511,6 +520,7 @@ def evaluate_training_input(args):
     digest = file_sha256(data_path)
     for run in unet_runs(train_input, train_command):
         check_trained_on(run, data_path, digest, f"{train_command} --overwrite")
+        check_unet_preparation(run, f"{train_command} --overwrite")
     for split in (SELECTION_SPLIT, *TEST_SPLITS):
         for header in validate_split(split):
             check_in_plane(header.shape, f"{split} patient {header.patient}'s volume")

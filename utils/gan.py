@@ -61,6 +61,7 @@ from utils.common import (
     save_torch,
     versions,
 )
+from utils.data import preparation_name, stripped_of
 
 # DP diagnostics (internal, like the losses): the median per-sample gradient norm before clipping, the fraction of
 # samples clipped, and the norm of the noise over the norm of the clipped sum, averaged over the epoch's steps.
@@ -85,8 +86,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 # ---- data ----
 def read_patches():
-    """(img, label, patients) of the training patches file, checked: N x PATCH x PATCH each; patients is None if
-    the file has no `patient` array."""
+    """(img, label, patients, skull_stripped) of the training patches file, checked: N x PATCH x PATCH each;
+    patients is None if the file has no `patient` array."""
     path = patches_path("train")
     if not path.is_file():
         raise PipelineError(f"patches file {path} does not exist; run extract_patches.py first")
@@ -100,7 +101,7 @@ def read_patches():
     patients = arrays.get("patient")
     if patients is not None and len(patients) != len(img):
         raise PipelineError(f"patches file {path}: {len(patients)} patient ids for {len(img)} patches")
-    return img, label, patients
+    return img, label, patients, stripped_of(arrays)
 
 
 def scale_pairs(img, label, label_scale="01"):
@@ -505,12 +506,13 @@ def restore_rng_states(states, sampler_generator, noise_generator):
     sampler_generator.set_state(states["sampler"])
 
 
-def start_from_public(generator, critic, path, margs, patches_sha256):
+def start_from_public(generator, critic, path, margs, patches_sha256, skull_stripped):
     """Load the generator (its EMA where the checkpoint has one; the critic as trained) and the critic of a
     run_gan.py checkpoint trained on PUBLIC data (--init_from): a warm start that costs no privacy only because that
     data is not the patients'. Refused where the code can see otherwise (a checkpoint of this work folder, or of a
     run whose config.json records these very patches: patches_sha256); a copy elsewhere it cannot see. The networks
-    must be the same (model_args); the optimizers start afresh. Returns the checkpoint's sha256."""
+    must be the same (model_args), and so must the data preparation (skull_stripped: this run's patches); the
+    optimizers start afresh. Returns the checkpoint's sha256."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"--init_from {path}: no such checkpoint (a run_gan.py epoch_<e>.pth of a run on public "
@@ -520,7 +522,12 @@ def start_from_public(generator, critic, path, margs, patches_sha256):
                             f"run protects; starting from it would spend privacy the accountant does not count (a "
                             f"public start comes from a run in another work folder, on public data)")
     source = path.resolve().parent.parent.parent / "results" / path.resolve().parent.name / "config.json"
-    if source.is_file() and load_json(source, "trial config").get("patches_sha256") == patches_sha256:
+    source_config = load_json(source, "trial config") if source.is_file() else {}
+    if source_config and stripped_of(source_config) != skull_stripped:
+        raise PipelineError(f"--init_from {path}: its run ({source}) trained on "
+                            f"{preparation_name(stripped_of(source_config))} patches, this run's are "
+                            f"{preparation_name(skull_stripped)}; train the public GAN on data prepared the same way")
+    if source_config.get("patches_sha256") == patches_sha256:
         raise PipelineError(f"--init_from {path}: its run ({source}) trained on the same patches file as this run, the "
                             f"patients this run protects; starting from it would spend privacy the accountant does "
                             f"not count")
@@ -545,7 +552,7 @@ class GanTrial:
         self.args = args
         self.validate_flags(args)
         self.model_dir, self.results_dir = gan_model_dir(args.trial), gan_results_dir(args.trial)
-        img, label, patients = read_patches()
+        img, label, patients, self.skull_stripped = read_patches()
         self.data = scale_pairs(img, label, args.label_scale)
         # Audit canaries drawn in join the training set as units of their own (utils/canaries.py); the
         # accounting below counts all of them (n_accounted).
@@ -585,7 +592,8 @@ class GanTrial:
         # A public warm start: on --resume the trial's own checkpoint overrides it, so it is read only at the start.
         self.patches_sha256 = file_sha256(patches_path("train"))
         self.init_sha256 = start_from_public(self.generator, self.critic, args.init_from, self.model_args,
-                                             self.patches_sha256) if args.init_from and not args.resume else None
+                                             self.patches_sha256, self.skull_stripped) \
+            if args.init_from and not args.resume else None
 
         self.sampler_generator, self.noise_generator = seed_generators(args.seed, args.secure_rng, self.device)
         self.fixed_noise = torch.randn(N_FIXED_SAMPLES, config.LATENT_DIM,
@@ -743,7 +751,7 @@ class GanTrial:
                    "updates_per_epoch": self.updates_per_epoch, "patches_per_patient_max": self.patient_group,
                    "privacy_unit": self.args.privacy_unit, "n_units": self.n_units, "n_accounted": self.n_accounted,
                    "seeded": not self.args.secure_rng, "init_sha256": self.init_sha256,
-                   "patches_sha256": self.patches_sha256})
+                   "patches_sha256": self.patches_sha256, "skull_stripped": self.skull_stripped})
         if self.canaries is not None:
             save_canaries(canaries_path(self.results_dir), self.canaries)
         self.model_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 import config
 from utils.common import PipelineError, patches_path, refuse_existing, save_figure, save_npz
-from utils.data import load_patient, validate_split
+from utils.data import check_preparation, load_patient, stripped_of, validate_split
 
 MONTAGE_PAIRS = 32
 
@@ -81,7 +81,8 @@ def check_counts(n_patches, n_vessel):
 
 
 def extract_split(split, seed, n_patches=None, n_vessel=None, data_dir=None):
-    """Patches of every patient of a split; returns dict img, label, patient, centre (the patches file).
+    """Patches of every patient of a split; returns dict img, label, patient, centre, skull_stripped (the patches
+    file; skull_stripped: config.SKULL_STRIP, how every volume was prepared).
 
     Every patient's headers are checked before any voxel is read; the voxels (binary label and mask,
     enough candidate centres) as each patient is loaded. Nothing is written here, so a failure for
@@ -98,7 +99,7 @@ def extract_split(split, seed, n_patches=None, n_vessel=None, data_dir=None):
     total = n_patches * len(headers)
     out = {"img": np.empty((total, size, size), np.float32), "label": np.empty((total, size, size), np.uint8),
            "patient": np.repeat(np.array([h.patient for h in headers]), n_patches),
-           "centre": np.empty((total, 3), np.int32)}
+           "centre": np.empty((total, 3), np.int32), "skull_stripped": np.array(bool(config.SKULL_STRIP))}
     # The context closes the bar on an error too, so the error message starts on a line of its own.
     with tqdm(headers, desc=f"patches {split}", unit="patient") as progress:
         for index, header in enumerate(progress):
@@ -147,6 +148,15 @@ def montage_figure(patches, seed):
     return fig
 
 
+def recorded_preparation(path):
+    """Whether the patches file at path was cut from skull-stripped volumes (read without loading the patches)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return stripped_of({"skull_stripped": data["skull_stripped"]} if "skull_stripped" in data.files else {})
+    except (ValueError, OSError, EOFError) as err:
+        raise PipelineError(f"patches file {path} cannot be read as an npz file: {err}") from None
+
+
 def ensure_patches(split):
     """The patches file of a split, extracted like `extract_patches.py --split <split>` if it is missing."""
     path = patches_path(split)
@@ -154,4 +164,7 @@ def ensure_patches(split):
         print(f"{path} does not exist: extracting the {split} patches (as `extract_patches.py --split {split}`)",
               flush=True)
         write_patches(split, config.PATCH_SEED)
+    else:
+        check_preparation(recorded_preparation(path), f"patches file {path}",
+                          f"python extract_patches.py --split {split} --overwrite")
     return path

@@ -44,6 +44,7 @@ from utils.common import (
     synthetic_name,
     synthetic_path,
 )
+from utils.data import stripped_of
 from utils.gan import build_generator, checkpoint_path
 
 BEST_EPOCH = 9999  # --epoch 9999: the epoch of minimum generator loss after the skipped ones
@@ -248,7 +249,8 @@ def generate_samples(args):
             "epsilon_valid_prv": number(trial_privacy["epsilon_valid_prv"]), "selection": selection,
             "privacy_unit": trial_privacy["privacy_unit"],
             "noisem": number(run_args.get("noisem")), "dp_mode": run_args.get("dp_mode"), "seed": args.seed,
-            "model_args": model_args,
+            "model_args": model_args, "skull_stripped": stripped_of(trial_config),
+            "started_from": run_args.get("init_from") if trial_config.get("init_sha256") else None,
             "label_rule": f"label = generator label output > {raw_threshold:g} (thresh {args.thresh} on the "
                           f"0/1 label scale)"}
     save_npz(out, img=img, label=label)

@@ -55,9 +55,11 @@ from utils.common import (
     unet_dir,
     versions,
 )
+from utils.data import check_preparation, stripped_of
 
 SMOOTH = 1.0
 STATS_CHUNK = 2048  # patches per chunk when scaling the training set (bounds the temporary memory)
+PROGRESS_EVERY = 20  # training steps between refreshes of the progress bar's loss (reading it makes a GPU wait)
 # history.csv, one row per epoch. predicted_per_true_vessel: on a fixed batch of training patches with vessel
 # (check_patches), the U-Net's pixels above config.PREDICTION_THRESHOLD at the epoch's end per true vessel pixel;
 # collapsed: 1 if the U-Net predicts (almost) no vessel (is_collapsed): the soft Dice's all-zero output, from which
@@ -160,11 +162,14 @@ def check_training_arrays(data, path):
 
 
 def training_set(args):
-    """The real patches (--real) or a synthetic set (--trial/--epoch/--thresh) -> (img, label, path)."""
+    """The real patches (--real) or a synthetic set (--trial/--epoch/--thresh) -> (img, label, path, skull_stripped):
+    skull_stripped is what the patches file records, or for a synthetic set what its GAN's patches recorded."""
     _, path = training_input(args)
     data = load_npz(path, ("img", "label"), "training set")
     img, label = check_training_arrays(data, path)
-    return img, label, path
+    what = f"the information file of synthetic set {path}"
+    record = data if args.real else load_json(path.with_suffix(".json"), what, " (written by generate_samples.py)")
+    return img, label, path, stripped_of(record)
 
 
 def steps_per_epoch(n_train):
@@ -176,6 +181,8 @@ def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
     that are already on the training device. Returns (model, history rows)."""
     torch.manual_seed(seed)
     device = images.device
+    if device.type == "cuda":  # every batch has the same shape: cuDNN times its kernels once and keeps the fastest
+        torch.backends.cudnn.benchmark = True
     model = UNet(tuple(config.UNET_KERNELS), params["dropout"]).to(device)
     if config.UNET_START_AT_PRIOR:
         model.start_at_prior(labels.sum().item() / labels.numel())
@@ -200,11 +207,12 @@ def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item()
+                total = total + loss.detach()  # a tensor on the device: read every PROGRESS_EVERY steps
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{total / (step + 1):.4f}")
+                if step % PROGRESS_EVERY == 0 or step == steps - 1:
+                    bar.set_postfix(epoch=epoch, loss=f"{float(total) / (step + 1):.4f}")
             predicted = predicted_vessel_pixels(model, check)
-            history.append({"epoch": epoch, "loss": total / steps,
+            history.append({"epoch": epoch, "loss": float(total) / steps,
                             "predicted_per_true_vessel": predicted / max(n_check_vessel, 1),
                             "collapsed": int(is_collapsed(predicted, n_check_vessel)),
                             "seconds": round(time.time() - start, 2)})
@@ -244,8 +252,11 @@ def _write_history(path, rows):
 
 def run_unets(args):
     """run_unet.py: train every U-Net of the grid that does not exist yet (or all, with --overwrite)."""
-    img, label, path = training_set(args)
+    img, label, path, skull_stripped = training_set(args)
     train_input = train_input_name(args)
+    # U-Nets are trained to predict volumes read as config.SKULL_STRIP says: refused now, not after hours of training
+    check_preparation(skull_stripped, f"training set {path}", "python extract_patches.py --split train --overwrite"
+                      + ("" if args.real else ", then the GAN and its set"))
     folder = unet_dir(train_input)
     runs = grid()
     digest = file_sha256(path)
@@ -279,6 +290,7 @@ def run_unets(args):
                 "loss": "negative soft Dice, smooth 1, over the flattened batch",
                 "start_at_prior": config.UNET_START_AT_PRIOR, "mean": mean, "sd": sd,
                 "train_input": train_input, "train_path": str(path), "train_sha256": digest, "n_train": len(img),
+                "skull_stripped": skull_stripped,
                 "seed": config.UNET_SEED + i,
                 "final_loss": history[-1]["loss"], "collapsed": bool(history[-1]["collapsed"]), "seconds": seconds,
                 "device": str(device),
@@ -304,6 +316,13 @@ def check_trained_on(run_dir, data_path, digest, retrain_command):
         why = "records no hash of its training file" if recorded is None else "was trained on other contents"
         raise PipelineError(f"U-Net {Path(run_dir) / 'model.pt'} {why}: its training file {data_path} has changed "
                             f"since (or cannot be checked); retrain with `{retrain_command}` (nothing was written)")
+
+
+def check_unet_preparation(run_dir, retrain_command):
+    """A U-Net predicts volumes prepared as its training patches were (utils/data.py check_preparation)."""
+    meta_path = Path(run_dir) / "meta.json"
+    meta = load_json(meta_path, "U-Net meta") if meta_path.is_file() else {}
+    check_preparation(stripped_of(meta), f"U-Net {Path(run_dir) / 'model.pt'} (its training patches)", retrain_command)
 
 
 def load_unet(run_dir, device=None):
