@@ -4,11 +4,13 @@
     python audit_privacy.py --synthetic other_sets/pairs.npz          # any npz with `img` and `label`
     python audit_privacy.py --canaries --trial CANARY1 --epoch 3      # a run_gan.py --audit_canaries run
 
-Members: the training patches; non-members: as many patches of the held-out patients (val, test; extracted if
-their patches files are missing). Writes work/results/<set name>_audit.json (black-box AUC with its CI, TPR at
-1% and 0.1% FPR, patient-level AUC, control AUC, the critic's white-box AUC when the trial's critic exists) and
-<set name>_audit_roc.png, and prints the figures. See utils/audit.py for the attack and the README for what the
-figures do and do not prove. --canaries turns a canary run's guesses into an epsilon lower bound
+Members: the training patients; non-members: the held-out patients (val, test; extracted if their patches files
+are missing); as many patches of each. The verdict is a permutation test over which patients are members
+(patient-level AUC, p-value; "too few patients to tell" when no assignment could reach p <= 0.05). Writes
+work/results/<set name>_audit.json (the test, and descriptive figures: patch-level AUC with a patient-level
+bootstrap interval, TPR at 1% and 0.1% FPR, control AUC, the critic's white-box AUC when the trial's critic
+exists) and <set name>_audit_roc.png, and prints the figures. See utils/audit.py for the attack and the README
+for what the figures do and do not prove. --canaries turns a canary run's guesses into an epsilon lower bound
 (WGAN_<trial>_<epoch>_canary_audit.json; utils/canaries.py).
 """
 

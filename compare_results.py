@@ -1,5 +1,7 @@
 """Collect every WORK_DIR/results/*_results.json into results/summary.csv, print them side by side and draw
-DSC, bAHD, FID and SSIM against epsilon (results/summary_vs_epsilon.png), as in the paper's figures.
+DSC, bAHD, FID and SSIM against epsilon (results/summary_vs_epsilon.png), as in the paper's figures. Per noise
+multiplier: the mean (SD) over seeds and the best run by val DSC, with its epsilon alone and the epsilon of the
+pick, every run of that noise composed (results/summary_by_noise.csv).
 
 Example: python compare_results.py
 """

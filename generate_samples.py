@@ -1,6 +1,7 @@
 """Step 3: synthesise image-label pairs from a trained DP-WGAN generator.
 
     python generate_samples.py --trial GAN1 --epoch 49 --thresh 0.8
+    python generate_samples.py --trial GAN2 --epoch 49 --chosen_from GAN1 GAN2 GAN3   # GAN2 was the best of three
 
 writes work/synthetic/gen_patches_DP_<trial>_<epoch>_<thresh>.npz (`img` float32 N x 96 x 96 x 1 in [0, 255],
 `label` uint8 N x 96 x 96 x 1), a .json with the epoch, epsilon and settings, and a .png of 16 pairs.
@@ -30,6 +31,10 @@ def parse_args(argv=None):
                    help="pairs to draw (default: the number of training patches, from the patches file or else "
                         "the trial's config.json)")
     p.add_argument("--seed", type=int, default=config.SYNTHESIS_SEED, help="seed of the latent draws")
+    p.add_argument("--chosen_from", nargs="+", default=None, metavar="TRIAL",
+                   help="this trial was picked among these trials (on the same patients) by looking at their results "
+                        "(e.g. the best val DSC of 5 seeds): the set and its release carry the epsilon of all of them "
+                        "composed (the others at their last checkpoint), the run's own beside it")
     p.add_argument("--lrg", type=float, default=None,
                    help="accepted for compatibility with the authors' command line and ignored (generation does "
                         "not train)")

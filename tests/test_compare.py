@@ -80,3 +80,37 @@ def test_seeds_are_aggregated_per_noise_multiplier_with_the_best_run_by_val_dsc(
     assert one["best_run"] == "DP_noise1_seed2_49_0.8"  # highest val DSC, not highest test DSC
     assert table["inf"]["epsilon_valid_mean"] == "inf"
     assert "mean (SD) over seeds per noise multiplier" in capsys.readouterr().out
+
+
+def test_the_best_run_of_a_noise_carries_the_epsilon_of_every_run_it_was_chosen_from(dirs, capsys):
+    """The pick by val DSC looks at all three seeds: its guarantee is Opacus's RDP accountant over their three
+    histories (each set's JSON records its run's), shown beside the single run's."""
+    from opacus.accountants import RDPAccountant
+
+    import config
+    from utils import privacy
+
+    _, work, _ = dirs
+    results, sets = work / "results", work / "synthetic"
+    sets.mkdir(parents=True)
+    histories = {1: [[1.0, 0.01, 300]], 2: [[1.0, 0.01, 200]], 3: [[1.0, 0.01, 300], [1.0, 0.005, 50]]}
+    for seed, val in ((1, 0.5), (2, 0.9), (3, 0.1)):
+        name = f"DP_noise1_seed{seed}_49_0.8"
+        single = privacy.epsilon_from_history(histories[seed], 1e-4)
+        info = {"trial": f"noise1_seed{seed}", "epoch": 49, "delta": 1e-4, "privacy_unit": "patch",
+                "accountant_history": histories[seed], "epsilon_valid": single, "epsilon_valid_single_run": single}
+        (sets / f"gen_patches_{name}.json").write_text(json.dumps(info))
+        write_result(results, name, single, 0.8, noise_multiplier=1.0, dp_mode="strict",
+                     val_dsc={"mean": val, "sd": 0.0}, training_data=str(sets / f"gen_patches_{name}.npz"))
+    compare_results.main([])
+    with open(results / "summary_by_noise.csv") as f:
+        row = next(csv.DictReader(f))
+    by_hand = RDPAccountant()
+    by_hand.history = [tuple(h) for seed in (1, 2, 3) for h in histories[seed]]
+    composed = by_hand.get_epsilon(delta=1e-4, alphas=config.DP_ORDERS)
+    assert row["best_run"] == "DP_noise1_seed2_49_0.8" and row["best_chosen_among"] == "3"
+    assert float(row["best_epsilon_valid"]) == pytest.approx(privacy.epsilon_from_history(histories[2], 1e-4))
+    assert float(row["best_epsilon_of_pick"]) == pytest.approx(composed, rel=1e-9)
+    assert composed > 1.4 * float(row["best_epsilon_valid"])
+    out = capsys.readouterr().out
+    assert "eps of the pick" in out and f"{composed:.3g}" in out

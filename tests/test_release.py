@@ -1,4 +1,5 @@
-"""The release bundle (utils/release.py) written by generate_samples.py after real tiny GAN runs."""
+"""The release bundle (utils/release.py) written by generate_samples.py after real tiny GAN runs and from hand-made
+trials (a checkpoint with a given accountant)."""
 
 import json
 
@@ -7,8 +8,8 @@ import torch
 
 import generate_samples
 import run_gan
-from utils import release
-from utils.common import PipelineError, gan_results_dir, synthetic_name
+from utils import privacy, release
+from utils.common import PipelineError, gan_results_dir, synthetic_name, synthetic_path
 from utils.gan import build_generator, checkpoint_path, read_log
 from utils.privacy import PRV_EPS_ERROR
 from utils.release import PAPER_COUNT_KEY, RELEASE_FILES, release_dir
@@ -24,6 +25,11 @@ def work(dirs):
 
     write_patches()
     return dirs[1]
+
+
+def readme_words(folder):
+    """The bundle's README.txt with its line breaks and indents as single spaces (its paragraphs are wrapped)."""
+    return " ".join((folder / "README.txt").read_text().split())
 
 
 def release_after_training(trial, *flags, epoch=BEST_EPOCH):
@@ -53,7 +59,7 @@ def test_private_run_epoch_9999_releases_four_files_with_the_last_epochs_valid_e
     assert set(saved["model_args"]) == set(release.GENERATOR_ARGS)
     generator = build_generator(saved["model_args"])
     generator.load_state_dict(saved["state_dict"])  # every key is the generator's: no critic, no RNG state
-    readme = (folder / "README.txt").read_text()
+    readme = readme_words(folder)
     assert "ONE training patch" in readme and "does NOT cover" in readme and "seeded generator" in readme
 
 
@@ -61,7 +67,7 @@ def test_non_private_and_paper_mode_statements(work):
     folder, _ = release_after_training("np", "--noisem", "inf", epoch=2)
     statement = json.loads((folder / "privacy.json").read_text())
     assert statement["epsilon"] == "inf" and statement["guarantee"].startswith("none")
-    assert "NO differential privacy guarantee" in (folder / "README.txt").read_text()
+    assert "NO differential privacy guarantee" in readme_words(folder)
 
     folder, log = release_after_training("pp", "--noisem", "2", "--dp_mode", "paper", epoch=2)
     statement = json.loads((folder / "privacy.json").read_text())
@@ -72,7 +78,7 @@ def test_non_private_and_paper_mode_statements(work):
 def test_secure_rng_is_recorded_nowhere_and_draws_other_noise(work):
     folder, _ = release_after_training("s1", "--noisem", "1.0", "--secure_rng", epoch=2)
     assert json.loads((folder / "privacy.json").read_text())["seeded"] is False
-    assert "operating system's entropy" in (folder / "README.txt").read_text()
+    assert "operating system's entropy" in readme_words(folder)
     release_after_training("s2", "--noisem", "1.0", "--secure_rng", epoch=2)
     released = [torch.load(release_dir(synthetic_name(t, 2, 0.8)) / "generator.pt", weights_only=True)
                 for t in ("s1", "s2")]
@@ -108,6 +114,108 @@ def test_a_warm_started_run_names_its_public_checkpoint_and_the_assumption_its_e
     assert statement["initialised_from"]["sha256"] == file_sha256(public)
     assert "public data" in statement["initialised_from"]["assumption"]
     assert statement["epsilon"] == pytest.approx(log[-1]["epsilon_valid"], rel=1e-9)
-    assert f"Warm start: {release.PUBLIC_INIT_ASSUMPTION}" in (folder / "README.txt").read_text()
+    assert f"Warm start: {release.PUBLIC_INIT_ASSUMPTION}" in readme_words(folder)
     cold, _ = release_after_training("cold", "--noisem", "1.0")
     assert "initialised_from" not in json.loads((cold / "privacy.json").read_text())
+
+
+# ---- the README and privacy.json of hand-made trials (no training: a checkpoint with a given accountant) ----
+def hand_made_trial(trial, patch_size=96, privacy_unit="patch", n_units=400, n_samples=400, delta=None,
+                    noisem=1.0, sample_rate=0.02, steps_per_epoch=50, epochs=3):
+    """A trial as run_gan.py leaves it (a small dcgan generator of `patch_size`, config.json, log.csv, a checkpoint
+    per epoch) whose accountant saw `steps_per_epoch` strict steps per epoch at `sample_rate` over `n_units`
+    units of `privacy_unit`, delta 1 / n_units unless given."""
+    import csv
+
+    from utils.common import gan_model_dir
+    from utils.gan import LOG_COLUMNS
+
+    delta = 1 / n_units if delta is None else delta
+    model_args = {"arch": "dcgan", "ngf": 1, "latent_dim": 8, "label_scale": "pm1", "patch_size": patch_size,
+                  "ndf": 2}
+    generator = build_generator(model_args)
+    models, results = gan_model_dir(trial), gan_results_dir(trial)
+    models.mkdir(parents=True)
+    results.mkdir(parents=True)
+    rows = []
+    for epoch in range(epochs):
+        history = [(noisem, sample_rate, steps_per_epoch * (epoch + 1))]
+        torch.save({"epoch": epoch, "generator": generator.state_dict(), "model_args": model_args,
+                    "accountant": {"history": history, "generator_updates": steps_per_epoch * (epoch + 1),
+                                   "sample_rate": sample_rate, "delta": delta, "dp_mode": "strict"}},
+                   models / f"epoch_{epoch}.pth")
+        eps = privacy.epsilon_from_history(history, delta)
+        rows.append([epoch, 0.1, 1.0 - epoch / 10, 0, 0, 0, eps, eps, eps, 0.5, 1.0, 20.0, history[0][2], 1.0])
+    (results / "config.json").write_text(json.dumps({
+        "args": {"trial": trial, "noisem": noisem, "dp_mode": "strict", "max_norm_dp": 1.0, "n_discr": 1},
+        "n_samples": n_samples, "delta": delta, "sample_rate": sample_rate, "privacy_unit": privacy_unit,
+        "n_units": n_units, "n_accounted": n_units, "patches_per_patient_max": 40, "seeded": True}))
+    with open(results / "log.csv", "w", newline="") as f:
+        csv.writer(f).writerows([LOG_COLUMNS, *rows])
+
+
+def bundle_of(trial, *flags):
+    generate_samples.main(["--trial", trial, "--epoch", "2", "--n_samples", "4", *flags])
+    folder = release_dir(synthetic_name(trial, 2, 0.8))
+    return json.loads((folder / "privacy.json").read_text()), readme_words(folder)
+
+
+def test_the_readme_of_a_64_pixel_set_says_64_and_its_shapes_from_privacy_json(dirs, monkeypatch):
+    import config
+
+    monkeypatch.setattr(config, "PATCH_SIZE", 64)  # the demo preset's patches
+    hand_made_trial("d64", patch_size=64)
+    statement, readme = bundle_of("d64")
+    assert statement["patch_size"] == [64, 64]
+    assert statement["arrays"] == {"img": {"shape": [4, 64, 64, 1], "dtype": "float32"},
+                                   "label": {"shape": [4, 64, 64, 1], "dtype": "uint8"}}
+    assert "ONE training patch (a 64 x 64 axial slice patch)" in readme
+    assert "img (4 x 64 x 64 x 1, float32, 0-255), label (4 x 64 x 64 x 1, uint8, 0/1)" in readme
+    assert "96" not in readme
+    assert statement["delta"] == 1 / 400 and statement["delta_rule"].startswith("1 / N with N = 400 training patches")
+    assert f"delta = {statement['delta']:.3g}: 1 / N with N = 400 training patches" in readme
+
+
+def test_the_readme_of_a_patient_level_run_speaks_of_patients_and_their_delta(dirs):
+    hand_made_trial("pl", privacy_unit="patient", n_units=41, n_samples=41 * 40, sample_rate=4 / 41)
+    statement, readme = bundle_of("pl")
+    assert statement["privacy_unit"] == "patient" and statement["delta"] == 1 / 41
+    assert statement["sample_rate_unit"] == "Poisson-sampled patients per step / training patients"
+    assert statement["delta_rule"].startswith("1 / N with N = 41 training patients")
+    assert "ONE training patient (all of his patches)" in readme
+    assert f"Poisson sampling rate {4 / 41:.4g} over 41 training patients (1640 patches)" in readme
+    assert f"delta = {1 / 41:.3g}: 1 / N with N = 41 training patients" in readme
+    assert "number of training patches" not in readme
+
+
+def test_the_readme_of_a_run_with_config_delta_gives_that_delta_and_says_where_it_came_from(dirs):
+    hand_made_trial("d6", delta=1e-6)
+    statement, readme = bundle_of("d6")
+    assert statement["delta"] == 1e-6 and statement["delta_rule"].startswith("config.DELTA = 1e-06")
+    assert statement["epsilon"] == pytest.approx(privacy.epsilon_from_history([(1.0, 0.02, 150)], 1e-6))
+    assert "delta = 1e-06: config.DELTA = 1e-06, set for the run" in readme
+    assert f"({statement['epsilon']:.3g}, 1e-06)-differentially private" in readme
+    assert "1 / number of training patches" not in readme and "the paper's choice" not in readme
+
+
+def test_a_set_chosen_among_runs_carries_their_composed_epsilon_beside_its_own(dirs):
+    from opacus.accountants import RDPAccountant
+
+    import config
+
+    for trial, noisem in (("s12", 1.0), ("s13", 1.0), ("s14", 1.5)):
+        hand_made_trial(trial, noisem=noisem, epochs=3 if trial != "s14" else 4)  # s14 trained one epoch more
+    statement, readme = bundle_of("s13", "--chosen_from", "s12", "s13", "s14")
+    by_hand = RDPAccountant()
+    by_hand.history = [(1.0, 0.02, 150), (1.0, 0.02, 150), (1.5, 0.02, 200)]  # s13 at epoch 2, the others' last
+    composed = by_hand.get_epsilon(delta=1 / 400, alphas=config.DP_ORDERS)
+    single = privacy.epsilon_from_history([(1.0, 0.02, 150)], 1 / 400)
+    assert statement["epsilon"] == pytest.approx(composed, rel=1e-9) and composed > 1.4 * single
+    pick = statement["selection_among_runs"]
+    assert [r["trial"] for r in pick["runs"]] == ["s13", "s12", "s14"]
+    assert pick["epsilon_single_run"] == pytest.approx(single) and pick["composition"].startswith("sequential")
+    assert f"({composed:.3g}, {1 / 400:.3g})-differentially private" in readme
+    assert "chosen among 3 runs" in readme and f"alone would have epsilon {single:.3g}" in readme
+    info = json.loads(synthetic_path("s13", 2, 0.8).with_suffix(".json").read_text())
+    assert info["epsilon_valid"] == pytest.approx(composed) and info["chosen_from"] == ["s13", "s12", "s14"]
+    assert info["epsilon_valid_single_run"] == pytest.approx(single)

@@ -1,5 +1,6 @@
 """sweep.py over utils/sweep.py: the grid through submitit's local executor (tiny preset), and the SLURM parameters."""
 
+import csv
 import json
 import os
 import stat
@@ -12,7 +13,9 @@ import run_gan
 import sweep
 from utils import sweep as sweep_module
 from utils.common import gan_results_dir
+from utils.compare import results_dir
 from utils.gan import checkpoint_path, load_checkpoint
+from utils.privacy import epsilon_from_history
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
 
@@ -50,11 +53,15 @@ def test_grid_runs_to_the_summary_resumes_a_killed_trial_and_a_second_run_submit
 
     compare_results.main([])
     assert "mean (SD) over seeds per noise multiplier" in capsys.readouterr().out
+    # the summary's best run of noise 2 was picked among both seeds: it carries their composed epsilon
+    with open(results_dir() / "summary_by_noise.csv") as f:
+        noise2 = next(r for r in csv.DictReader(f) if r["noise_multiplier"] == "2.0")
+    accountants = [load_checkpoint(checkpoint_path(f"noise2_seed{s}", 1))["accountant"] for s in (1, 2)]
+    both = epsilon_from_history([tuple(h) for a in accountants for h in a["history"]], accountants[0]["delta"])
+    assert float(noise2["best_epsilon_of_pick"]) == pytest.approx(both) and both > float(noise2["best_epsilon_valid"])
 
 
 def _log(folder):
-    import csv
-
     with open(folder / "log.csv", newline="") as f:
         return list(csv.DictReader(f))
 

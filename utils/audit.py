@@ -8,22 +8,36 @@ The black-box attack is GAN-Leaks' full black-box attack (Chen et al. 2020): a q
 to the nearest synthetic pair, smaller = more likely a member. Distance: Euclidean, in the space of the pair
 itself, image min-max scaled per patch to [0, 1] and label 0/1, both 2x2 average-pooled to 48 x 48 (a
 memorised patch is close in every pixel; pooling halves the cost and forgives one-pixel shifts). It is
-calibrated by a reference set of held-out patches (GAN-Leaks calibrates with a reference GAN, which we do not
-have): score = log d(query, reference) - log d(query, synthetic), so that a patch that is close to everything (a
-vessel-free background patch) does not look like a member; the ratio (rather than the difference) keeps an exact
-copy at the top whatever its distance to the reference. The reference of a query is every held-out patch
-except those of one held-out patient: its own patient for a non-member (adjacent patches of one patient overlap),
-a randomly drawn one for a member, so that members and non-members are compared with references of equal size.
+calibrated by a reference set (GAN-Leaks calibrates with a reference GAN, which we do not have): score =
+log d(query, reference) - log d(query, synthetic), so that a patch that is close to everything (a vessel-free
+background patch) does not look like a member; the ratio (rather than the difference) keeps an exact copy at the
+top whatever its distance to the reference. The reference of a query is every audited patch of every OTHER
+patient, member or not (adjacent patches of one patient overlap): a patient's scores then depend on the patients
+and the synthetic set only, not on which patients are members, which the permutation test below needs.
 
-Members: training patches. Non-members: as many patches, drawn the same way (extract_patches.py), of the
-held-out patients (val and test). Control: the same attack on the non-members split by patient into two groups
-(alternate held-out patients): no membership signal, but the same kind of difference between patients that
-separates members from non-members, so its AUC must be near 0.5; if its CI excludes 0.5 the audit measures
-something other than membership (patients that differ) and says so. Figures: ROC AUC with a bootstrap CI, TPR at 1%
-and 0.1% FPR (Carlini et al. 2022: an attack that finds a few members with certainty matters more than the
-average), and the patient-level AUC (a patient's score = the mean of his patches' scores).
+Queries: the same number of patches of every audited patient, drawn at random: the training patients (members)
+and the held-out patients (val and test; non-members). Patches of one patient are not independent and the
+patient is the unit that was sampled into training, so the verdict rests on the patients:
+- the membership test: under "no membership signal" (the synthetic set does not depend on which patients
+  trained the GAN) and a split of patients into training and held-out that could have been any other, which of
+  the patients are members is exchangeable. The statistic is the patient-level AUC (a patient's score = the mean
+  of his patches' scores): every patient weighs the same, and a few memorised patches (large log-ratio scores)
+  move their patient's mean where the patch-level AUC would dilute them among his other patches. Its p-value is
+  the share of assignments of m member labels to the m + h patients whose AUC reaches the observed one: all
+  C(m + h, m) of them when there are at most MAX_ENUMERATED (exact), else N_RANDOM_ASSIGNMENTS random ones (p
+  = (1 + reaching) / (1 + drawn)). The verdict reads "membership leaks" only when p <= TEST_LEVEL, and "too few
+  patients to tell" when even the most extreme assignment could not reach TEST_LEVEL (2 + 2 patients: 6
+  assignments, p >= 1/6).
+- descriptive figures: the patch-level ROC AUC and TPR at 1% and 0.1% FPR (Carlini et al. 2022: an attack that
+  finds a few members with certainty matters more than the average), intervals by a patient-level (cluster)
+  bootstrap: patients resampled within members and within non-members, each with all his audited patches.
+- control: the same attack on the held-out patients split into two groups (alternate patients): no membership,
+  but the same kind of difference between patients. Its AUC, with the same patient-level interval, says how much
+  patients differ; an interval that excludes 0.5 is reported (the patch-level figures then mostly measure
+  patients), and the membership test, which accounts for differences between patients, still decides.
 """
 
+import itertools
 import math
 from pathlib import Path
 
@@ -35,26 +49,34 @@ from utils.common import PipelineError, load_npz, minmax_scale, save_figure
 
 # The figures a result file and the comparison table show, with their labels.
 AUDIT_FIGURES = {
-    "mia_auc": "membership inference AUC (black box, calibrated nearest neighbour)",
-    "mia_auc_ci95": "membership inference AUC, 95% bootstrap interval",
-    "mia_tpr_at_1pct_fpr": "membership inference TPR at 1% FPR",
-    "mia_tpr_at_0.1pct_fpr": "membership inference TPR at 0.1% FPR",
-    "patient_auc": "membership inference AUC per patient",
-    "control_auc": "membership inference control AUC (held-out patients vs held-out patients; must be near 0.5)",
+    "mia_auc": "membership inference AUC per patch (descriptive; black box, calibrated nearest neighbour)",
+    "mia_auc_ci95": "membership inference AUC per patch, 95% patient-level bootstrap interval",
+    "mia_tpr_at_1pct_fpr": "membership inference TPR at 1% FPR (descriptive)",
+    "mia_tpr_at_0.1pct_fpr": "membership inference TPR at 0.1% FPR (descriptive)",
+    "patient_auc": "membership inference AUC per patient (the membership test's statistic)",
+    "membership_p_value": "membership test p-value (permutation over which patients are members)",
+    "control_auc": "membership inference control AUC (held-out patients vs held-out patients; no membership)",
     "critic_auc": "membership inference AUC with the critic (white box; internal)",
     "verdict": "membership inference verdict",
 }
 N_BOOTSTRAP = 1000
 FPR_LEVELS = (0.01, 0.001)
-HELD_OUT_SPLITS = ("val", "test")  # non-members and the calibration reference; test2 is another protocol
+TEST_LEVEL = 0.05
+MAX_ENUMERATED = 20_000  # assignments of member labels to patients enumerated exactly; more are sampled
+N_RANDOM_ASSIGNMENTS = 9_999
+HELD_OUT_SPLITS = ("val", "test")  # non-members and the control; test2 is another protocol
 POOL = 2  # average pooling of the features
 DISTANCE_CHUNK = 512  # queries per distance computation
 DISTANCE_FLOOR = 1e-3  # added before the log: an exact copy (distance 0) scores high, not infinite
+TEST_ASSUMES = ("the synthetic set does not depend on which patients trained the GAN (the null hypothesis); the "
+                "split of patients into training and held-out could have been any other (a random split; held-out "
+                "patients from another site or protocol than the training patients break this); patients are "
+                "independent of each other, patches of one patient need not be")
 
 
 # ---- features and distances ----
 def features(img, label):
-    """N x 96 x 96 (or x 1) image and label arrays -> float32 N x D: image min-max to [0, 1], label 0/1, pooled."""
+    """N x P x P (or x 1) image and label arrays -> float32 N x D: image min-max to [0, 1], label 0/1, pooled."""
     img, label = np.asarray(img), np.asarray(label)
     img = img[..., 0] if img.ndim == 4 else img
     label = label[..., 0] if label.ndim == 4 else label
@@ -73,21 +95,11 @@ def nearest_distances(queries, pool, allowed=None):
     return out.numpy()
 
 
-def reference_mask(query_patients, reference_patients, rng):
-    """Q x R bool: the reference of a query excludes one held-out patient, its own if it has one among the
-    reference patients, else (a member) one drawn at random, so that every query sees the same number of them."""
-    held_out = np.unique(reference_patients)
-    if len(held_out) < 2:
-        raise PipelineError(f"the audit's calibration needs at least 2 held-out patients (val and test), found "
-                            f"{len(held_out)}")
-    excluded = np.array([p if p in held_out else rng.choice(held_out) for p in query_patients])
-    return reference_patients[None, :] != excluded[:, None]
-
-
-def attack_scores(queries, query_patients, synthetic, reference, reference_patients, rng):
-    """Calibrated black-box scores (larger = more likely a member) of the queries."""
+def attack_scores(queries, patients, synthetic):
+    """Calibrated black-box scores (larger = more likely a member) of the queries; the reference of each is every
+    query of the other patients, so that no score depends on which patients are members."""
     to_synthetic = nearest_distances(queries, synthetic)
-    to_reference = nearest_distances(queries, reference, reference_mask(query_patients, reference_patients, rng))
+    to_reference = nearest_distances(queries, queries, patients[:, None] != patients[None, :])
     return np.log(to_reference + DISTANCE_FLOOR) - np.log(to_synthetic + DISTANCE_FLOOR)
 
 
@@ -108,13 +120,35 @@ def _ranks(values):
     return rankdata(values)
 
 
-def auc_ci(members, non_members, seed, n_bootstrap=N_BOOTSTRAP):
-    """(AUC, [2.5%, 97.5%] bootstrap interval), members and non-members resampled independently."""
+def patient_groups(scores, patients):
+    """The scores of each patient (sorted ids) as a list of arrays, and the ids."""
+    ids = np.unique(patients)
+    return [np.asarray(scores)[patients == p] for p in ids], ids
+
+
+def patient_level(groups):
+    """A patient's score: the mean of his patches' scores."""
+    return np.array([g.mean() for g in groups])
+
+
+def patch_level(groups):
+    return np.concatenate(groups)
+
+
+def cluster_auc_ci(member_groups, non_groups, level, seed, n_bootstrap=N_BOOTSTRAP):
+    """(AUC, [2.5%, 97.5%] interval or None) of per-patient score groups; level: patch_level or patient_level.
+    The interval resamples patients (each with all his scores) within members and within non-members: patches
+    of one patient are not independent. None when a side has a single patient (nothing to resample)."""
+    value = auc(level(member_groups), level(non_groups))
+    if min(len(member_groups), len(non_groups)) < 2:
+        return value, None
     rng = np.random.default_rng(seed)
-    members, non_members = np.asarray(members, float), np.asarray(non_members, float)
-    draws = [auc(rng.choice(members, len(members)), rng.choice(non_members, len(non_members)))
-             for _ in range(n_bootstrap)]
-    return auc(members, non_members), [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
+    draws = []
+    for _ in range(n_bootstrap):
+        m = [member_groups[i] for i in rng.integers(len(member_groups), size=len(member_groups))]
+        n = [non_groups[i] for i in rng.integers(len(non_groups), size=len(non_groups))]
+        draws.append(auc(level(m), level(n)))
+    return value, [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
 
 
 def tpr_at_fpr(members, non_members, fpr):
@@ -135,20 +169,49 @@ def roc_curve(members, non_members):
     return fpr, tpr
 
 
-def patient_means(scores, patients):
-    ids = np.unique(patients)
-    return np.array([scores[patients == p].mean() for p in ids]), ids
+def membership_test(member_patient_scores, non_patient_scores, seed):
+    """Permutation test of "no membership signal" over which patients are members, statistic the patient-level
+    AUC: exact over all C(m + h, m) assignments when there are at most MAX_ENUMERATED, else over
+    N_RANDOM_ASSIGNMENTS random ones (and the observed). Returns the test's dict (p_value, smallest_attainable_p,
+    ...)."""
+    m, h = len(member_patient_scores), len(non_patient_scores)
+    ranks = _ranks(np.concatenate([member_patient_scores, non_patient_scores]))
+    n_assignments = math.comb(m + h, m)
+    exhaustive = n_assignments <= MAX_ENUMERATED
+    if exhaustive:
+        members = np.zeros((n_assignments, m + h), bool)
+        for row, chosen in enumerate(itertools.combinations(range(m + h), m)):
+            members[row, list(chosen)] = True
+    else:
+        order = np.argsort(np.random.default_rng([seed, 29]).random((N_RANDOM_ASSIGNMENTS, m + h)), axis=1)
+        members = np.zeros((N_RANDOM_ASSIGNMENTS, m + h), bool)
+        np.put_along_axis(members, order[:, :m], True, axis=1)
+    # the patient-level AUC of every assignment from the ranks of the patients' scores (Mann-Whitney U / (m h))
+    aucs = (members @ ranks - m * (m + 1) / 2) / (m * h)
+    observed = (ranks[:m].sum() - m * (m + 1) / 2) / (m * h)
+    reaching = int(np.sum(aucs >= observed - 1e-9))
+    p_value = reaching / n_assignments if exhaustive else (1 + reaching) / (1 + N_RANDOM_ASSIGNMENTS)
+    return {"statistic": "patient-level AUC (a patient's score: the mean of his patches' scores)",
+            "p_value": float(p_value), "level": TEST_LEVEL, "n_member_patients": m, "n_non_member_patients": h,
+            "assignments": n_assignments, "exhaustive": exhaustive,
+            "assignments_drawn": n_assignments if exhaustive else N_RANDOM_ASSIGNMENTS,
+            "smallest_attainable_p": 1 / n_assignments if exhaustive else 1 / (1 + N_RANDOM_ASSIGNMENTS),
+            "assumes": TEST_ASSUMES}
 
 
-def summarise_attack(members, non_members, seed):
-    value, ci = auc_ci(members, non_members, seed)
+def summarise_attack(member_groups, non_groups, seed):
+    """Patch-level AUC with its patient-level interval and TPR at low FPR (descriptive)."""
+    value, ci = cluster_auc_ci(member_groups, non_groups, patch_level, seed)
+    members, non_members = patch_level(member_groups), patch_level(non_groups)
     return {"auc": value, "auc_ci95": ci, **{f"tpr_at_{level * 100:g}pct_fpr": tpr_at_fpr(members, non_members, level)
                                             for level in FPR_LEVELS}}
 
 
 # ---- the audit ----
-def draw(n_total, n, rng):
-    return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
+def draw_per_patient(patients, k, rng):
+    """Indices of k patches of every patient (sorted ids), drawn without replacement."""
+    return np.concatenate([np.sort(rng.choice(np.flatnonzero(patients == p), size=k, replace=False))
+                           for p in np.unique(patients)])
 
 
 def membership_audit(synthetic, members, held_out, seed=None, critic_score=None):
@@ -158,45 +221,57 @@ def membership_audit(synthetic, members, held_out, seed=None, critic_score=None)
     Returns the audit dict (figures and the numbers of queries) and the curves for the ROC figure."""
     seed = config.EVAL_SEED if seed is None else seed
     rng = np.random.default_rng([seed, 11])
-    n = min(len(held_out["img"]), len(members["img"]), config.AUDIT_MAX_QUERIES)
-    member_index = draw(len(members["img"]), n, rng)
-    member_patients = np.asarray(members["patient"])[member_index]
-    held_patients = np.asarray(held_out["patient"])
-    non_index = draw(len(held_out["img"]), n, rng)
+    member_patients, held_patients = np.asarray(members["patient"]), np.asarray(held_out["patient"])
+    member_ids, held_ids = np.unique(member_patients), np.unique(held_patients)
+    if len(held_ids) < 2:
+        raise PipelineError(f"the audit's control needs at least 2 held-out patients (val and test), found "
+                            f"{len(held_ids)}")
+    both = set(member_ids) & set(held_ids)
+    if both:
+        raise PipelineError(f"patients {sorted(both)} are both training and held-out patients: the audit needs "
+                            f"disjoint ones")
+    # The same number of patches of every patient, at most AUDIT_MAX_QUERIES members and as many non-members.
+    counts = [np.sum(member_patients == p) for p in member_ids] + [np.sum(held_patients == p) for p in held_ids]
+    k = max(1, min(min(counts), config.AUDIT_MAX_QUERIES // max(len(member_ids), len(held_ids))))
+    member_index, non_index = draw_per_patient(member_patients, k, rng), draw_per_patient(held_patients, k, rng)
+    queries = torch.cat([features(members["img"][member_index], members["label"][member_index]),
+                         features(held_out["img"][non_index], held_out["label"][non_index])])
+    query_patients = np.concatenate([member_patients[member_index], held_patients[non_index]])
+    is_member = np.arange(len(query_patients)) < len(member_index)
+    scores = attack_scores(queries, query_patients, features(synthetic["img"], synthetic["label"]))
+    member_groups, _ = patient_groups(scores[is_member], query_patients[is_member])
+    non_groups, _ = patient_groups(scores[~is_member], query_patients[~is_member])
 
-    synth = features(synthetic["img"], synthetic["label"])
-    reference = features(held_out["img"], held_out["label"])
-    member_feats = features(members["img"][member_index], members["label"][member_index])
-    member_scores = attack_scores(member_feats, member_patients, synth, reference, held_patients, rng)
-    non_scores = attack_scores(reference[non_index], held_patients[non_index], synth, reference, held_patients, rng)
-
-    # control: the non-members split by patient, alternate held-out patients in each group
-    held_ids = np.unique(held_patients)
-    halves = np.isin(held_patients[non_index], held_ids[::2])
-    control = summarise_attack(non_scores[halves], non_scores[~halves], seed + 1)
-
-    member_patient_scores, member_ids = patient_means(member_scores, member_patients)
-    non_patient_scores, non_ids = patient_means(non_scores, held_patients[non_index])
-    patient_value, patient_ci = auc_ci(member_patient_scores, non_patient_scores, seed + 2)
-    black_box = summarise_attack(member_scores, non_scores, seed)
+    test = membership_test(patient_level(member_groups), patient_level(non_groups), seed)
+    patient_value, patient_ci = cluster_auc_ci(member_groups, non_groups, patient_level, seed + 2)
+    black_box = summarise_attack(member_groups, non_groups, seed)
+    control = summarise_attack(non_groups[::2], non_groups[1::2], seed + 1)  # alternate held-out patients
     result = {
         "attack": "GAN-Leaks full black-box (nearest synthetic pair, pixel space of image and label, 2x2 pooled), "
-                  "calibrated by a held-out reference set",
-        "n_members": int(n), "n_non_members": int(n), "n_synthetic": int(len(synth)),
-        "member_patients": member_ids.tolist(), "non_member_patients": non_ids.tolist(),
+                  "calibrated by the audited patches of the other patients",
+        "n_members": int(len(member_index)), "n_non_members": int(len(non_index)), "patches_per_patient": int(k),
+        "n_synthetic": int(len(synthetic["img"])),
+        "member_patients": member_ids.tolist(), "non_member_patients": held_ids.tolist(),
+        "membership_test": test, "membership_p_value": test["p_value"],
         "mia_auc": black_box["auc"], "mia_auc_ci95": black_box["auc_ci95"],
         "mia_tpr_at_1pct_fpr": black_box["tpr_at_1pct_fpr"], "mia_tpr_at_0.1pct_fpr": black_box["tpr_at_0.1pct_fpr"],
         "patient_auc": patient_value, "patient_auc_ci95": patient_ci,
+        "descriptive": "mia_auc, its interval and the TPRs describe patches, which are not independent within a "
+                       "patient: the membership test decides",
         "control_auc": control["auc"], "control_auc_ci95": control["auc_ci95"],
-        "control_ok": control["auc_ci95"][0] <= 0.5 <= control["auc_ci95"][1],
+        "control_ok": None if control["auc_ci95"] is None else
+        control["auc_ci95"][0] <= 0.5 <= control["auc_ci95"][1],
     }
-    curves = {"black box (calibrated nearest neighbour)": roc_curve(member_scores, non_scores),
-              "control (held-out patients vs held-out patients)": roc_curve(non_scores[halves],
-                                                                             non_scores[~halves])}
+    held_scores = scores[~is_member]
+    halves = np.isin(query_patients[~is_member], held_ids[::2])
+    curves = {"black box (calibrated nearest neighbour)": roc_curve(scores[is_member], held_scores),
+              "control (held-out patients vs held-out patients)": roc_curve(held_scores[halves],
+                                                                             held_scores[~halves])}
     if critic_score is not None:
         member_critic = critic_score(members["img"][member_index], members["label"][member_index])
         non_critic = critic_score(held_out["img"][non_index], held_out["label"][non_index])
-        white_box = summarise_attack(member_critic, non_critic, seed + 3)
+        white_box = summarise_attack(patient_groups(member_critic, member_patients[member_index])[0],
+                                     patient_groups(non_critic, held_patients[non_index])[0], seed + 3)
         result.update(critic_auc=white_box["auc"], critic_auc_ci95=white_box["auc_ci95"],
                       critic_tpr_at_1pct_fpr=white_box["tpr_at_1pct_fpr"])
         curves["white box (critic score; internal)"] = roc_curve(member_critic, non_critic)
@@ -206,17 +281,35 @@ def membership_audit(synthetic, members, held_out, seed=None, critic_score=None)
     return result, curves
 
 
+def interval(ci):
+    return "no interval: one patient a side" if ci is None else f"patient-level CI {ci[0]:.3f}-{ci[1]:.3f}"
+
+
 def verdict(result):
-    if not result["control_ok"]:
-        return (f"CONTROL FAILED: two groups of held-out patients score AUC {result['control_auc']:.3f} (CI "
-                f"excludes 0.5): this audit measures differences between patients, not membership; do not read its "
-                f"AUC as leakage")
-    low, high = result["mia_auc_ci95"]
-    if low > 0.5:
-        return (f"membership leaks: the black-box attack beats chance (AUC {result['mia_auc']:.3f}, CI {low:.3f}-"
-                f"{high:.3f})")
-    return (f"no membership signal detected by this attack (AUC {result['mia_auc']:.3f}, CI {low:.3f}-{high:.3f}); "
-            f"this is no proof of privacy: a stronger attack may succeed, the DP bound is the guarantee")
+    """"membership leaks" only when the membership test rejects at TEST_LEVEL; "too few patients to tell" when it
+    cannot; else "no membership signal". A failed control is reported, not decisive (the test accounts for
+    differences between patients)."""
+    test = result["membership_test"]
+    m, h, p = test["n_member_patients"], test["n_non_member_patients"], test["p_value"]
+    figures = (f"patient-level AUC {result['patient_auc']:.3f}; patch-level AUC {result['mia_auc']:.3f}, "
+               f"{interval(result['mia_auc_ci95'])}, descriptive")
+    if test["smallest_attainable_p"] > TEST_LEVEL:
+        text = (f"too few patients to tell: with {m} training and {h} held-out patients there are "
+                f"{test['assignments']} ways to choose the members, so the smallest attainable p-value is "
+                f"{test['smallest_attainable_p']:.3g} > {TEST_LEVEL:g}; this audit claims nothing either way "
+                f"({figures})")
+    elif p <= TEST_LEVEL:
+        text = (f"membership leaks: the training patients score higher than chance assignments of patients allow "
+                f"(permutation test p = {p:.3g} <= {TEST_LEVEL:g}; {figures})")
+    else:
+        text = (f"no membership signal detected by this attack (permutation test p = {p:.3g} > {TEST_LEVEL:g}; "
+                f"{figures}); this is no proof of privacy: a stronger attack may succeed, the DP bound is the "
+                f"guarantee")
+    if result["control_ok"] is False:
+        text += (f". Control: two groups of held-out patients score AUC {result['control_auc']:.3f} "
+                 f"({interval(result['control_auc_ci95'])}, excludes 0.5): these patients differ, so the "
+                 f"patch-level figures mostly measure patients, not membership")
+    return text
 
 
 def roc_figure(path, curves, title):

@@ -1,4 +1,9 @@
-"""Every evaluated training input side by side: one CSV, one table, the paper's figures against epsilon."""
+"""Every evaluated training input side by side: one CSV, one table, the paper's figures against epsilon.
+
+The best run per noise multiplier is chosen by looking at every run of that noise (their val DSC), so it is a
+function of all of them: the epsilon shown for it is theirs composed (utils/release.py runs_privacy: sequential,
+the runs taken to have trained on the same patients), beside the single run's.
+"""
 
 import csv
 import math
@@ -7,6 +12,7 @@ from pathlib import Path
 import config
 from utils.audit import audit_paths
 from utils.common import PipelineError, atomic_write, load_json, save_figure
+from utils.release import runs_privacy, trial_privacy
 
 # (CSV column, key in <train_input>_results.json, part of a {"mean", "sd"} value or None)
 COLUMNS = [
@@ -60,8 +66,43 @@ def collect(folder=None):
             row.update({k: load_json(audit, "privacy audit").get(k) for k in ("mia_auc", "patient_auc", "control_auc")})
         if "fid" in result and row["fid_train"] is None:  # "not computed: <reason>" / "not applicable"
             row["fid_train"] = row["fid_test"] = result["fid"]
+        row["run"] = run_of(result)  # not a CSV column: what a pick among runs composes
         rows.append(row)
     return rows
+
+
+def run_of(result):
+    """The GAN run behind a result, as runs_privacy() takes it, from its synthetic set's JSON (its accountant
+    history, or for a set written before that was recorded, the checkpoint's); None where neither says."""
+    info_path = Path(result.get("training_data") or "none").with_suffix(".json")
+    if result.get("training_input") == "real" or not info_path.is_file():
+        return None
+    info = load_json(info_path, "synthetic set information")
+    epoch = info.get("selection", {}).get("privacy_of_epoch", info.get("epoch"))
+    if "accountant_history" in info:
+        return {"trial": info["trial"], "epoch": epoch, "history": info["accountant_history"], "delta": info["delta"],
+                "privacy_unit": info.get("privacy_unit", "patch"), "epsilon_valid": info["epsilon_valid_single_run"]}
+    from utils.synthesis import read_trial_config
+
+    try:
+        return trial_privacy(info["trial"], read_trial_config(info["trial"]), epoch)
+    except (PipelineError, KeyError):
+        return None
+
+
+def pick_epsilon(rows):
+    """The valid epsilon of a run picked among `rows` by looking at their results: every run composed (one entry
+    per trial, its longest history), or a text saying which runs lack an accountant history."""
+    unknown = [r["training_input"] for r in rows if r.get("run") is None]
+    if unknown:
+        return f"unknown: no accountant history for {', '.join(unknown)} (regenerate the set)"
+    runs = {}
+    for r in rows:
+        run = r["run"]
+        if run["trial"] not in runs or sum(h[2] for h in run["history"]) > sum(
+                h[2] for h in runs[run["trial"]]["history"]):
+            runs[run["trial"]] = run
+    return runs_privacy(list(runs.values()))["epsilon_valid"]
 
 
 def number(value):
@@ -75,7 +116,7 @@ def number(value):
 def write_csv(rows, path):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[c for c, _, _ in COLUMNS])
+            writer = csv.DictWriter(f, fieldnames=[c for c, _, _ in COLUMNS], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -112,7 +153,8 @@ AGGREGATED = ("epsilon_valid", "test_dsc", "test2_dsc", "test_bahd", "test2_bahd
 
 def aggregate_by_noise(rows):
     """Mean and SD over seeds per (noise multiplier, DP mode) of the synthetic sets, and the best run of each (the
-    highest mean val DSC: chosen without looking at the test sets). Rows of real data are left out."""
+    highest mean val DSC: chosen without looking at the test sets) with its epsilon alone and that of the pick
+    (every run of the group composed: the pick is a function of all of them). Rows of real data are left out."""
     groups = {}
     for r in rows:
         if number(r["noise_multiplier"]) is not None:
@@ -132,15 +174,17 @@ def aggregate_by_noise(rows):
             else:
                 row[f"{key}_mean"] = row[f"{key}_sd"] = None
         best = max(members, key=lambda r: number(r["val_dsc"]) if number(r["val_dsc"]) is not None else -1)
-        row.update(best_run=best["training_input"], best_test_dsc=number(best["test_dsc"]),
-                   best_test2_dsc=number(best["test2_dsc"]))
+        row.update(best_run=best["training_input"], best_epsilon_valid=number(best["epsilon_valid"]),
+                   best_epsilon_of_pick=pick_epsilon(members), best_chosen_among=len(members),
+                   best_test_dsc=number(best["test_dsc"]), best_test2_dsc=number(best["test2_dsc"]))
         out.append(row)
     return out
 
 
 def write_aggregate_csv(rows, path):
     columns = ["noise_multiplier", "dp_mode", "runs", *[f"{k}_{s}" for k in AGGREGATED for s in ("mean", "sd")],
-               "best_run", "best_test_dsc", "best_test2_dsc"]
+               "best_run", "best_epsilon_valid", "best_epsilon_of_pick", "best_chosen_among", "best_test_dsc",
+               "best_test2_dsc"]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -158,16 +202,24 @@ def format_aggregate(rows):
             return "-"
         return "inf" if math.isinf(mean) else f"{fmt.format(mean)} ({fmt.format(sd)})"
 
+    def eps(value):
+        x = number(value)
+        return "-" if value is None else str(value).split(":")[0] if x is None else "inf" if math.isinf(x) \
+            else f"{x:.3g}"
+
     head = ["noise", "runs", "valid eps", "test DSC", "test2 DSC", "test bAHD", "MIA AUC", "best run (val)",
-            "its test DSC"]
+            "its eps alone", "eps of the pick", "its test DSC"]
     cells = [head] + [[f"{r['noise_multiplier']:g}", str(r["runs"]), ms(r, "epsilon_valid", "{:.3g}"),
                        ms(r, "test_dsc", "{:.3f}"), ms(r, "test2_dsc", "{:.3f}"), ms(r, "test_bahd", "{:.2f}"),
-                       ms(r, "mia_auc", "{:.3f}"), r["best_run"],
+                       ms(r, "mia_auc", "{:.3f}"), r["best_run"], eps(r["best_epsilon_valid"]),
+                       eps(r["best_epsilon_of_pick"]),
                        "-" if r["best_test_dsc"] is None else f"{r['best_test_dsc']:.3f}"] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
     return "\n".join(["mean (SD) over seeds per noise multiplier", lines[0], "  ".join("-" * w for w in widths),
-                      *lines[1:]])
+                      *lines[1:], "eps of the pick: the best run was chosen by looking at every run of its noise, so "
+                      "its guarantee is theirs composed (Opacus RDP over their histories; sequential: the runs are "
+                      "taken to have trained on the same patients); its eps alone does not hold for it"])
 
 
 def plot_against_epsilon(rows, aggregate, path):

@@ -14,6 +14,7 @@ internal: they are computed on the training patches without noise and are not co
 import math
 import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 
 import config
@@ -23,6 +24,7 @@ from utils.gan import GENERATOR_ARGS, checkpoint_path, describe_group_privacy, l
 
 RELEASE_FILES = ("synthetic.npz", "generator.pt", "privacy.json", "README.txt")
 PAPER_COUNT_KEY = "epsilon_paper_count_NOT_a_valid_bound"
+README_WIDTH = 116
 
 
 def release_dir(set_name):
@@ -39,8 +41,9 @@ def trial_privacy(trial, trial_config, epoch):
     accountant state in that epoch's checkpoint, recomputed with Opacus's RDP and PRV accountants.
 
     Returns a dict with epsilon (as the run counted it: for paper mode the paper's number, not a valid bound),
-    epsilon_valid (RDP), epsilon_valid_prv, delta, sample_rate, steps (of the valid history) and the run's
-    settings."""
+    epsilon_valid (RDP), epsilon_valid_prv, delta and how it was chosen (delta_rule), sample_rate, steps and
+    history (the valid accountant history [(noise multiplier, sample rate, steps), ...], which a pick among runs
+    composes) and the run's settings."""
     path = checkpoint_path(trial, epoch)
     if not path.is_file():
         raise PipelineError(f"GAN trial {trial!r}: the checkpoint {path} holds the accountant of epoch {epoch}, "
@@ -55,16 +58,79 @@ def trial_privacy(trial, trial_config, epoch):
            "patches_per_patient_max": trial_config.get("patches_per_patient_max", config.PATCHES_PER_PATIENT),
            "privacy_unit": trial_config.get("privacy_unit", "patch"),
            "n_units": trial_config.get("n_units", trial_config.get("n_samples")),
-           "audit_canaries": args.get("audit_canaries", 0), "init_sha256": trial_config.get("init_sha256")}
+           "audit_canaries": args.get("audit_canaries", 0), "init_sha256": trial_config.get("init_sha256"),
+           "trial": trial, "epoch": epoch}
+    out["delta_rule"] = delta_rule(delta, out["privacy_unit"], trial_config.get("n_accounted", out["n_units"]))
     if math.isinf(noisem):
-        return {**out, "epsilon": math.inf, "epsilon_valid": math.inf, "epsilon_valid_prv": math.inf, "steps": 0}
+        return {**out, "epsilon": math.inf, "epsilon_valid": math.inf, "epsilon_valid_prv": math.inf, "steps": 0,
+                "history": []}
     counted = [tuple(h) for h in accountant["history"]]
     valid = counted if dp_mode == "strict" else privacy.valid_paper_history(
         noisem, rate, accountant["generator_updates"], args["n_discr"])
     return {**out, "epsilon": privacy.epsilon_from_history(counted, delta),
             "epsilon_valid": privacy.epsilon_from_history(valid, delta),
             "epsilon_valid_prv": privacy.epsilon_from_history(valid, delta, "prv"),
-            "steps": sum(h[2] for h in valid)}
+            "steps": sum(h[2] for h in valid), "history": [list(h) for h in valid]}
+
+
+def unit_name(privacy_unit, count=2):
+    """"patch"/"patches" or "patient"/"patients": what the sampling rate and delta count."""
+    word = "patient" if privacy_unit == "patient" else "patch"
+    return word if count == 1 else word + ("s" if word == "patient" else "es")
+
+
+def delta_rule(delta, privacy_unit, n_accounted):
+    """How the run's delta was chosen, in words: run_gan.py takes config.DELTA, or 1 / N when it is None."""
+    if n_accounted and math.isclose(delta, 1 / n_accounted, rel_tol=1e-9):
+        return f"1 / N with N = {n_accounted} training {unit_name(privacy_unit)} (config.DELTA unset)"
+    return f"config.DELTA = {delta:g}, set for the run (1 / N would be {1 / n_accounted:.3g})" if n_accounted \
+        else f"config.DELTA = {delta:g}, set for the run"
+
+
+COMPOSITION = ("sequential: the runs are taken to have trained on the same patients, so each of them costs every "
+               "patient privacy and their histories compose (Opacus's accountant over the concatenated histories). "
+               "Runs on disjoint patients would compose in parallel (the largest of their epsilons); this is not "
+               "assumed, and the sequential bound holds either way")
+
+
+def runs_privacy(runs):
+    """The guarantee of anything chosen by looking at the results of several runs: `runs`, trial_privacy dicts (or
+    dicts with trial, epoch, history, delta, privacy_unit and epsilon_valid) of every run the choice looked at.
+    Composed sequentially (COMPOSITION) at the smallest of their deltas, by Opacus's RDP and PRV accountants."""
+    units = {r["privacy_unit"] for r in runs}
+    if len(units) != 1:
+        raise PipelineError(f"a pick among runs of different privacy units ({', '.join(sorted(units))}) has no "
+                            f"single guarantee: compare runs of one unit")
+    delta = min(r["delta"] for r in runs)
+    if any(math.isinf(float(r["epsilon_valid"])) for r in runs):
+        epsilon = epsilon_prv = math.inf
+    else:
+        history = [tuple(h) for r in runs for h in r["history"]]
+        epsilon = privacy.epsilon_from_history(history, delta)
+        epsilon_prv = privacy.epsilon_from_history(history, delta, "prv")
+    return {"epsilon_valid": epsilon, "epsilon_valid_prv": epsilon_prv, "delta": delta,
+            "runs": [{"trial": r["trial"], "epoch": r["epoch"], "epsilon_valid": json_number(float(r["epsilon_valid"]))}
+                     for r in runs],
+            "composition": COMPOSITION}
+
+
+def chosen_from_privacy(trial_privacy_, chosen_from):
+    """The guarantee of a run picked among the trials `chosen_from` (generate_samples.py --chosen_from; the picked
+    run is added if missing): the picked run at its own epoch, every other at its last checkpoint (the most any
+    look at its results can have seen)."""
+    from utils.synthesis import available_epochs, read_trial_config
+
+    runs, seen = [trial_privacy_], {trial_privacy_["trial"]}
+    for other in chosen_from:
+        if other in seen:
+            continue
+        seen.add(other)
+        epochs = available_epochs(other)
+        if not epochs:
+            raise PipelineError(f"--chosen_from {other}: the trial has no checkpoint, whose accountant its epsilon "
+                                f"comes from")
+        runs.append(trial_privacy(other, read_trial_config(other), epochs[-1]))
+    return runs_privacy(runs)
 
 
 def canary_refusal(trial, trial_config):
@@ -85,31 +151,49 @@ PUBLIC_INIT_ASSUMPTION = ("the generator and critic started from a checkpoint tr
                           "reproduce public images)")
 
 
-def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, selection):
-    """privacy.json of a release bundle (never for a canary run)."""
+def privacy_statement(trial_privacy_, img, label, epochs_trained, epoch_released, selection, pick=None):
+    """privacy.json of a release bundle (never for a canary run): the guarantee of the released arrays img and
+    label. pick: runs_privacy() of the runs this one was chosen from (generate_samples.py --chosen_from); its
+    epsilon is then the guarantee, the run's own beside it."""
     p = trial_privacy_
     if p.get("audit_canaries"):
         raise PipelineError(f"a canary run ({p['audit_canaries']} audit canaries) has no release bundle: its data "
                             f"serve the privacy audit only")
-    private = not math.isinf(p["epsilon_valid"])
+    guarantee = pick or p
+    private = not math.isinf(guarantee["epsilon_valid"])
     patient_level = p["privacy_unit"] == "patient"
-    group = privacy.group_privacy(p["epsilon_valid"], p["delta"], 1 if patient_level else p["patches_per_patient_max"])
+    group = privacy.group_privacy(guarantee["epsilon_valid"], guarantee["delta"],
+                                  1 if patient_level else p["patches_per_patient_max"])
     statement = {
         "privacy_unit": p["privacy_unit"],
-        "epsilon": json_number(p["epsilon_valid"]),
-        "delta": p["delta"],
+        "epsilon": json_number(guarantee["epsilon_valid"]),
+        "delta": guarantee["delta"],
+        "delta_rule": p["delta_rule"] if pick is None or pick["delta"] == p["delta"] else
+        "the smallest delta of the runs the pick was chosen from",
         "accountant": "rdp (opacus.accountants.RDPAccountant, the paper's orders)",
-        "epsilon_prv": json_number(p["epsilon_valid_prv"]),
+        "epsilon_prv": json_number(guarantee["epsilon_valid_prv"]),
         "accountant_prv": f"prv (opacus.accountants.PRVAccountant, upper estimate, eps_error "
                           f"{privacy.PRV_EPS_ERROR}): the same history, accounted more tightly",
         "dp_mode": p["dp_mode"], "noise_multiplier": json_number(p["noise_multiplier"]),
-        "max_norm_dp": p["max_norm_dp"], "sample_rate": p["sample_rate"], "steps": p["steps"],
-        "n_samples": p["n_samples"], "n_privacy_units": p["n_units"],
+        "max_norm_dp": p["max_norm_dp"], "sample_rate": p["sample_rate"],
+        "sample_rate_unit": f"Poisson-sampled {unit_name(p['privacy_unit'])} per step / training "
+                            f"{unit_name(p['privacy_unit'])}",
+        "steps": p["steps"], "n_samples": p["n_samples"], "n_privacy_units": p["n_units"],
         "per_patient": {**{k: json_number(v) for k, v in group.items()}, "statement": describe_group_privacy(group)},
         "epochs_trained": epochs_trained, "epoch_released": epoch_released, "selection": selection,
-        "n_synthetic_pairs": n_pairs, "seeded": p["seeded"],
+        "n_synthetic_pairs": len(img), "patch_size": list(img.shape[1:3]),
+        "arrays": {name: {"shape": list(array.shape), "dtype": str(array.dtype)}
+                   for name, array in (("img", img), ("label", label))},
+        "seeded": p["seeded"],
         "versions": {k: v for k, v in versions().items() if k in ("torch", "opacus")},
     }
+    if pick is not None:
+        statement["selection_among_runs"] = {
+            **{k: v for k, v in pick.items() if k in ("runs", "composition")},
+            "rule": "chosen among these runs by looking at their results (generate_samples.py --chosen_from)",
+            "epsilon_single_run": json_number(p["epsilon_valid"]),
+            "epsilon_prv_single_run": json_number(p["epsilon_valid_prv"]), "delta_single_run": p["delta"],
+            "note": "the single run's epsilon does not hold for a pick: the pick is a function of every run"}
     if p["init_sha256"]:
         statement["initialised_from"] = {"sha256": p["init_sha256"], "assumption": PUBLIC_INIT_ASSUMPTION}
     if not private:
@@ -119,11 +203,23 @@ def privacy_statement(trial_privacy_, n_pairs, epochs_trained, epoch_released, s
     return statement
 
 
+def paragraph(text):
+    """Lines of text, each wrapped to README_WIDTH and indented by two spaces."""
+    return "\n".join(textwrap.fill(line.strip(), README_WIDTH, initial_indent="  ", subsequent_indent="  ")
+                     for line in text.split("\n"))
+
+
+def array_text(array):
+    return f"{' x '.join(map(str, array['shape']))}, {array['dtype']}"
+
+
 def readme_text(set_name, statement, trial):
+    """README.txt of a release bundle: every figure from `statement` (privacy.json), none from settings."""
     s = statement
     patient_level = s["privacy_unit"] == "patient"
+    size = " x ".join(map(str, s["patch_size"]))
     unit = ("ONE training patient (all of his patches)" if patient_level else
-            "ONE training patch (a 96 x 96 axial slice patch)")
+            f"ONE training patch (a {size} axial slice patch)")
     if s["epsilon"] == "inf":
         guarantee = ("This set has NO differential privacy guarantee: its generator was trained without clipping "
                      "or noise. Do not share it outside the institution that holds the training scans.")
@@ -132,7 +228,16 @@ def readme_text(set_name, statement, trial):
                      f"differentially private with respect to {unit}: adding or removing any single "
                      f"{s['privacy_unit']} changes the probability of any output by at most a "
                      f"factor exp({s['epsilon']:.3g}), except with probability {s['delta']:.3g}. Accounted by "
-                     f"Opacus's RDP accountant; its PRV accountant gives {s['epsilon_prv']:.3g} for the same run.")
+                     f"Opacus's RDP accountant; its PRV accountant gives {s['epsilon_prv']:.3g} for the same "
+                     f"{'runs' if 'selection_among_runs' in s else 'run'}.")
+    if "selection_among_runs" in s:
+        pick = s["selection_among_runs"]
+        single = pick["epsilon_single_run"]
+        guarantee += (f"\nThis run was chosen among {len(pick['runs'])} runs trained on the same patients "
+                      f"({', '.join(r['trial'] for r in pick['runs'])}) by looking at their results, so it is a "
+                      f"function of all of them: the epsilon above is theirs together, their histories composed "
+                      f"(privacy.json, selection_among_runs). The chosen run alone would have epsilon "
+                      f"{single if single == 'inf' else format(single, '.3g')}, which does NOT hold for this pick.")
     seeded = ("The DP noise and the batch sampling were drawn from a generator seeded from the operating system's "
               "entropy (run_gan.py --secure_rng).") if not s["seeded"] else (
         "WARNING: the DP noise and batch sampling came from a seeded generator (a research run). Whoever knows the "
@@ -140,18 +245,29 @@ def readme_text(set_name, statement, trial):
     not_covered = ("Several patients together: for a group of g patients, epsilon grows about g-fold." if patient_level
                    else f"A patient. Each patient contributed up to {s['per_patient']['group_size']} patches; group "
                         f"privacy turns the\n    per-patch guarantee into: {s['per_patient']['statement']}.")
-    warm_start = (f"\n  Warm start: {PUBLIC_INIT_ASSUMPTION} (checkpoint sha256 {s['initialised_from']['sha256']})."
+    warm_start = (f"\nWarm start: {PUBLIC_INIT_ASSUMPTION} (checkpoint sha256 {s['initialised_from']['sha256']})."
                   if "initialised_from" in s else "")
     guarantee += warm_start
+    units = unit_name(s["privacy_unit"], s["n_privacy_units"])
+    sampled = (f"Poisson sampling rate {s['sample_rate']:.4g} over {s['n_privacy_units']} training {units}"
+               + (f" ({s['n_samples']} patches)" if patient_level else ""))
+    delta_advice = " (the paper's choice; the usual advice is a delta well below 1 / N)" \
+        if s["delta_rule"].startswith("1 / N") else ""
+    made = (f"DP-WGAN trial {trial!r} (Kossen et al. 2022, with valid accounting), dp_mode {s['dp_mode']}, noise "
+            f"multiplier {s['noise_multiplier']}, clipping norm {s['max_norm_dp']}, {sampled}, {s['steps']} accounted "
+            f"steps, {s['epochs_trained']} epochs trained; generator of epoch {s['epoch_released']} "
+            f"({s['selection']['rule']}); the epsilon is that of epoch {s['selection']['privacy_of_epoch']}, the last "
+            f"epoch whose logged values the choice looked at.")
     return f"""Synthetic TOF-MRA image-label pairs: {set_name}
 
 What is here (and nothing else):
-  synthetic.npz   {s['n_synthetic_pairs']} pairs: img (N x 96 x 96 x 1, float32, 0-255), label (N x 96 x 96 x 1, uint8)
+  synthetic.npz   {s['n_synthetic_pairs']} pairs: img ({array_text(s['arrays']['img'])}, 0-255), label \
+({array_text(s['arrays']['label'])}, 0/1)
   generator.pt    the generator's weights (state_dict) and model_args; load with torch.load(..., weights_only=True)
   privacy.json    the guarantee below, machine-readable
 
 What the guarantee covers:
-  {guarantee}
+{paragraph(guarantee)}
 
 What it does NOT cover:
   - {not_covered}
@@ -160,13 +276,9 @@ What it does NOT cover:
     real patches, t-SNE) were computed without noise and must not be shared.
 
 How it was made:
-  DP-WGAN trial {trial!r} (Kossen et al. 2022, with valid accounting), dp_mode {s['dp_mode']}, noise multiplier
-  {s['noise_multiplier']}, clipping norm {s['max_norm_dp']}, Poisson sampling rate {s['sample_rate']:.4g} over
-  {s['n_samples']} training patches, {s['steps']} accounted steps, {s['epochs_trained']} epochs trained; generator
-  of epoch {s['epoch_released']} ({s['selection']['rule']}); the epsilon is that of epoch
-  {s['selection']['privacy_of_epoch']}, the last epoch whose logged values the choice looked at.
-  delta = 1 / number of training patches, the paper's choice; the usual advice is a delta well below 1 / N.
-  {seeded}
+{paragraph(made)}
+{paragraph(f"delta = {s['delta']:.3g}: {s['delta_rule']}{delta_advice}.")}
+{paragraph(seeded)}
 """
 
 

@@ -15,7 +15,9 @@ The image channel is min-max scaled per patch to [0, 255], the U-Net's input sca
 
 Selection is part of the mechanism (SPEC): --epoch 9999 chooses by looking at every logged epoch's generator
 loss, which depends on every epoch's critic, so the set carries the epsilon of the last epoch the choice looked
-at, not that of the chosen epoch. An explicitly named epoch carries its own.
+at, not that of the chosen epoch. An explicitly named epoch carries its own. The same holds among runs: a set
+picked among several runs on the same patients by looking at their results (--chosen_from) carries the epsilon
+of all of them, composed (utils/release.py runs_privacy).
 """
 
 import csv
@@ -234,6 +236,9 @@ def generate_samples(args):
     if not any(r["epoch"] == epoch for r in log):
         raise PipelineError(f"GAN log {gan_results_dir(args.trial) / 'log.csv'} has no row for epoch {epoch}")
     trial_privacy = release.trial_privacy(args.trial, trial_config, selection["privacy_of_epoch"])
+    # a pick among runs (--chosen_from) is a function of every run it was chosen from: their composed guarantee
+    pick = release.chosen_from_privacy(trial_privacy, args.chosen_from) if args.chosen_from else None
+    guarantee = pick or trial_privacy
     n_samples = args.n_samples or default_n_samples(trial_config)
     device = resolve_device(args.device)
     print(f"trial {args.trial}, epoch {epoch}" + (f" (min loss_g after skipping {nr_e_skipped})"
@@ -245,9 +250,12 @@ def generate_samples(args):
     number = release.json_number
     info = {"trial": args.trial, "epoch_requested": args.epoch, "epoch": epoch, "thresh": args.thresh,
             "n_samples": n_samples, "epsilon": number(trial_privacy["epsilon"]),
-            "epsilon_valid": number(trial_privacy["epsilon_valid"]),
-            "epsilon_valid_prv": number(trial_privacy["epsilon_valid_prv"]), "selection": selection,
-            "privacy_unit": trial_privacy["privacy_unit"],
+            "epsilon_valid": number(guarantee["epsilon_valid"]),
+            "epsilon_valid_prv": number(guarantee["epsilon_valid_prv"]), "selection": selection,
+            "privacy_unit": trial_privacy["privacy_unit"], "delta": guarantee["delta"],
+            "chosen_from": [r["trial"] for r in pick["runs"]] if pick else None,
+            "epsilon_valid_single_run": number(trial_privacy["epsilon_valid"]),
+            "accountant_history": trial_privacy["history"],  # the run's own, which a later pick composes
             "noisem": number(run_args.get("noisem")), "dp_mode": run_args.get("dp_mode"), "seed": args.seed,
             "model_args": model_args, "skull_stripped": stripped_of(trial_config),
             "started_from": run_args.get("init_from") if trial_config.get("init_sha256") else None,
@@ -260,7 +268,7 @@ def generate_samples(args):
     if refusal:
         print(f"wrote {out} (+ .json, .png; internal); vessel fraction {label.mean():.4f}\n{refusal}", flush=True)
         return Path(out)
-    statement = release.privacy_statement(trial_privacy, n_samples, len(log), epoch, selection)
+    statement = release.privacy_statement(trial_privacy, img, label, len(log), epoch, selection, pick)
     bundle = release.write_release(set_name, img, label, generator, model_args, statement, args.trial,
                                    overwrite=args.overwrite)
     print(f"wrote {out} (+ .json, .png; internal) and the release bundle {bundle}; vessel fraction "
