@@ -14,14 +14,14 @@ import json
 import statistics
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_critic_step import timed  # noqa: E402  (this folder: the same timing as the critic benchmark)
+from bench_critic_step import device_name, timed  # noqa: E402  (this folder: the critic benchmark's timing)
 
 import config  # noqa: E402
 import run_gan  # noqa: E402
@@ -40,14 +40,47 @@ def write_random_patches(n, size, seed=0):
              centre=np.zeros((n, 3), np.int32))
 
 
-def time_updates(flags, updates, device):
-    """Median seconds per generator update after one warm-up update."""
+@contextmanager
+def random_patches(n, size):
+    """config.DATA_DIR and WORK_DIR in a temporary folder whose training patches file holds n random patches, for
+    the duration of the block."""
+    saved = config.DATA_DIR, config.WORK_DIR
+    with tempfile.TemporaryDirectory() as tmp:
+        config.DATA_DIR, config.WORK_DIR = Path(tmp) / "data", Path(tmp) / "work"
+        try:
+            write_random_patches(n, size)
+            yield
+        finally:
+            config.DATA_DIR, config.WORK_DIR = saved
+
+
+def model_flags(ndf, ngf, batch_size, n_discr, device, grad_sample_mode):
+    """run_gan.py flags of a model and its device."""
+    return ["--ndf", str(ndf), "--ngf", str(ngf), "--batch_size", str(batch_size), "--n_discr", str(n_discr),
+            "--device", str(device), "--grad_sample_mode", grad_sample_mode]
+
+
+def start_trial(flags):
+    """(trial, args) of run_gan.py flags (the first: the trial's name), its first epoch begun."""
     args = run_gan.parse_args(["--trial", flags[0], *flags[1:]])
     trial = GanTrial(args)
     trial.begin_epoch(0)
+    return trial, args
+
+
+def time_updates(flags, updates, device):
+    """Median seconds per generator update after one warm-up update."""
+    return time_trial_updates(*start_trial(flags), updates, device)
+
+
+def time_trial_updates(trial, args, updates, device):
     times = [timed(lambda: run_gan.generator_update(trial, args), device) for _ in range(updates + 1)]
     trial.check_finite()
     return statistics.median(times[1:])  # the first warms up
+
+
+def projected_hours(seconds_per_update):
+    return round(seconds_per_update * PAPER_UPDATES / 3600, 2)
 
 
 def main(argv=None):
@@ -62,12 +95,9 @@ def main(argv=None):
     p.add_argument("--grad_sample_mode", default=config.GRAD_SAMPLE_MODE)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    common = ["--ndf", str(args.ndf), "--ngf", str(args.ngf), "--batch_size", str(args.batch_size), "--n_discr",
-              str(args.n_discr), "--device", str(device), "--grad_sample_mode", args.grad_sample_mode]
-    with tempfile.TemporaryDirectory() as tmp:
-        config.DATA_DIR, config.WORK_DIR = Path(tmp) / "data", Path(tmp) / "work"
-        write_random_patches(args.n_patches, config.PATCH_SIZE)
+    name = device_name(device)
+    common = model_flags(args.ndf, args.ngf, args.batch_size, args.n_discr, device, args.grad_sample_mode)
+    with random_patches(args.n_patches, config.PATCH_SIZE):
         plain = time_updates(["plain", "--noisem", "inf", *common], args.updates, device)
         private = time_updates(["private", "--noisem", "1", *common], args.updates, device)
     print(f"device: {name}; model ndf {args.ndf} ngf {args.ngf}, batch {args.batch_size}, n_discr {args.n_discr}, "
@@ -77,8 +107,8 @@ def main(argv=None):
               f"{PAPER_UPDATES:,} updates: {seconds * PAPER_UPDATES / 3600:.1f} h")
     print(json.dumps({"device": name, "seconds_per_update_private": round(private, 4),
                       "seconds_per_update_plain": round(plain, 4), "ratio": round(private / plain, 3),
-                      "projected_hours_private": round(private * PAPER_UPDATES / 3600, 2),
-                      "projected_hours_plain": round(plain * PAPER_UPDATES / 3600, 2)}))
+                      "projected_hours_private": projected_hours(private),
+                      "projected_hours_plain": projected_hours(plain)}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The bk per-sample clipping engine (utils/bookkeeping.py) against per-sample gradients taken one sample at a time."""
 
+import contextlib
 import copy
 
 import pytest
@@ -171,3 +172,38 @@ def test_under_mixed_precision_norms_and_sums_are_float32_and_one_sample_moves_t
 def test_what_opacus_refuses_is_refused_too():
     with pytest.raises(ValueError, match="Opacus refuses the critic: .*training mode"):
         bookkeeping.check_supported(Discriminator(ndf=4).eval())
+
+
+@pytest.mark.parametrize("network", ["paper", "dcgan"])
+def test_a_float64_critic_is_clipped_in_float64(network):
+    """Every tensor bk makes takes the critic's dtype: a float64 critic's norms, scores and sums are float64, and
+    match per-sample gradients to float64 precision."""
+    torch.manual_seed(4)
+    critic = (Discriminator(ndf=4) if network == "paper" else DCGANCritic(ndf=4)).double()
+    batch = torch.randn(6, 2, 96, 96, dtype=torch.float64)
+    units = unit_gradients(copy.deepcopy(critic), batch[:4], -1, k=2) + unit_gradients(copy.deepcopy(critic),
+                                                                                       batch[4:], 1)
+    max_norm = torch.stack([flat(u).norm() for u in units]).median().item()
+    expected, norms = expected_clipped_sum(units, max_norm)
+    scores, got_norms = bookkeeping.clipped_gradient_sum(critic, batch, wgan_terms(4), max_norm, ((4, 2), (2, 1)))
+    assert scores.dtype == got_norms.dtype == torch.float64
+    assert all(p.grad.dtype == torch.float64 for p in critic.parameters())
+    torch.testing.assert_close(got_norms, norms, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat(p.grad for p in critic.parameters()), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("network", ["paper", "dcgan"])
+def test_every_tensor_is_made_on_the_critics_device(network, monkeypatch):
+    """On the meta device (a stand-in for a GPU that a CPU can run: a tensor made on the host would meet a meta
+    tensor in some operation and raise) the whole clipped sum, physical batches and units included, stays there."""
+    autocast = torch.autocast  # which has no meta device; bk only switches it off
+    monkeypatch.setattr(torch, "autocast", lambda device_type, *a, **k: contextlib.nullcontext()
+                        if device_type == "meta" else autocast(device_type, *a, **k))
+    critic = (Discriminator(ndf=4) if network == "paper" else DCGANCritic(ndf=4)).to("meta")
+    batch = torch.randn(8, 2, 96, 96, device="meta")
+
+    def terms(scores, rows):
+        return torch.where(torch.arange(rows.start, rows.stop, device=scores.device) < 6, -scores, scores)
+    scores, norms = bookkeeping.clipped_gradient_sum(critic, batch, terms, 1.0, ((6, 3), (2, 1)), max_physical_batch=5)
+    assert scores.shape == (8,) and norms.shape == (4,)
+    assert {scores.device.type, norms.device.type} | {p.grad.device.type for p in critic.parameters()} == {"meta"}

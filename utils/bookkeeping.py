@@ -218,20 +218,25 @@ def _clip_physical_batch(critic, batch, per_sample_loss, max_norm, blocks):
         scores = critic(batch)
     if len({id(layer) for layer, _, _ in records}) != len(records):
         raise ValueError("a layer of the critic runs twice in one forward pass; the bk engine clips layers run once")
-    weights = torch.cat([torch.full((n,), 1.0 / k, device=batch.device) for n, k in blocks])
+    # Every tensor made here is made on the critic's device, in its parameters' dtype (on a GPU nothing is made on
+    # the host and copied over).
+    reference = records[0][0].weight
+    weights = torch.cat([torch.full((n,), 1.0 / k, dtype=reference.dtype, device=reference.device)
+                         for n, k in blocks])
     losses = per_sample_loss(scores) * weights  # a unit's loss: the mean of its samples' terms
     grads = torch.autograd.grad(losses.sum(), [out for _, _, out in records])  # no weight gradient is formed
     # p.grad is data: no autograd graph through the weights. Under mixed precision (run_gan.py --amp) the passes
-    # above ran in bfloat16; the norms, clip factors and sums run in float32 from the same A and G, so that each
-    # sample's contribution to the sum is exactly the gradient whose norm was clipped.
-    with torch.no_grad(), torch.autocast(batch.device.type, enabled=False):
-        layers = [_layer_clipping(layer, x.float(), g.float(), blocks) for (layer, x, _), g in zip(records, grads)]
+    # above ran in bfloat16; the norms, clip factors and sums run in the parameters' float32 from the same A and G,
+    # so that each sample's contribution to the sum is exactly the gradient whose norm was clipped.
+    with torch.no_grad(), torch.autocast(reference.device.type, enabled=False):
+        layers = [_layer_clipping(layer, x.to(reference.dtype), g.to(reference.dtype), blocks)
+                  for (layer, x, _), g in zip(records, grads)]
         norms = sum(sq for sq, _ in layers).clamp_min(0).sqrt()  # ghost sums can round below 0
         factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         per_sample = torch.cat([f.repeat_interleave(k) for f, (_, k) in
                                 zip(factors.split([n // k for n, k in blocks]), blocks)])
         sums = [pair for _, clipped_sums in layers for pair in clipped_sums(per_sample)]
-    return scores.detach().float(), norms, sums
+    return scores.detach().to(reference.dtype), norms, sums
 
 
 def clipped_gradient_sum(critic, batch, per_sample_loss, max_norm, blocks=None, max_physical_batch=None):

@@ -139,6 +139,14 @@ def poisson_sampler(n_units, sample_rate, generator):
     return UniformWithReplacementSampler(num_samples=n_units, sample_rate=sample_rate, generator=generator)
 
 
+def to_device(tensor, device):
+    """`tensor` on `device`. A host tensor goes to a GPU through pinned memory, asynchronously: a plain copy from
+    pageable memory makes the host wait until the GPU has run everything queued before it, every step."""
+    if tensor.device.type != "cpu" or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def endless(sampler):
     """Index lists from the sampler, one per batch, without end. Each batch draws only torch.rand(N) from
     the sampler's generator, so restoring that generator's state continues the same stream."""
@@ -402,7 +410,7 @@ def dp_diagnostics(critic, optimizer):
     noise_sq = sum((p.grad * scale - p.summed_grad).square().sum() for p in optimizer.params)
     ratio = torch.where(signal_sq > 0, (noise_sq / signal_sq).sqrt(), torch.inf)  # no signal at all: inf
     if len(norms) == 0:
-        return torch.tensor([float("nan"), float("nan"), float("inf")], device=norms.device)
+        return torch.cat([norms.new_full((2,), float("nan")), norms.new_full((1,), float("inf"))]).float()
     return torch.stack([norms.median(), (norms > optimizer.max_grad_norm).float().mean(), ratio]).detach().float()
 
 
@@ -758,9 +766,10 @@ class GanTrial:
 
     # -- the loop's verbs --
     def real_batch(self):
-        """A fresh Poisson batch of real pairs (possibly empty)."""
-        indices = torch.as_tensor(next(self.indices), dtype=torch.long, device=self.data.device)  # may be []
-        return self.data[indices].to(self.device)
+        """A fresh Poisson batch of real pairs (possibly empty). The sampler draws on the CPU; its indices (or the
+        batch, where the pairs stay on the host) reach a GPU without making the host wait (to_device)."""
+        indices = torch.as_tensor(next(self.indices), dtype=torch.long)  # may be []
+        return to_device(self.data[to_device(indices, self.data.device)], self.device)
 
     def fake_batch(self):
         """batch_units generated pairs: as many as the expected real units, so both halves have one scale."""
