@@ -26,7 +26,7 @@ def test_collects_every_result_into_one_csv_table_and_figure(dirs, capsys):
     results = work / "results"
     write_result(results, "real", "real data", 0.89)
     write_result(results, "DP_a_49_0.8", math.inf, 0.84, fid=62.0)
-    write_result(results, "DP_b_49_0.8", 7.4, 0.75, fid=244.0)
+    write_result(results, "DP_b_49_0.8", 7.4, 0.75, fid=244.0, started_from="public GAN")
     write_result(results, "DP_c_49_0.8", 3.1, 0.40)
     (results / "DP_b_49_0.8_audit.json").write_text(json.dumps({"mia_auc": 0.512, "patient_auc": 0.6,
                                                                 "control_auc": 0.49}))
@@ -46,6 +46,9 @@ def test_collects_every_result_into_one_csv_table_and_figure(dirs, capsys):
     out = capsys.readouterr().out
     assert "test DSC" in out and "0.750" in out and "inf" in out and "not computed" in out
     assert "MIA AUC" in out and "0.512" in out
+    # the table says where each GAN started, so rows that differ by their start are not read as differing by privacy
+    assert b["started_from"] == "public GAN" and "GAN start" in out
+    assert next(line for line in out.splitlines() if line.startswith("DP_b_49_0.8")).split()[2:4] == ["public", "GAN"]
 
 
 def test_no_results_is_a_clear_error(dirs):

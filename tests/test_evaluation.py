@@ -247,6 +247,8 @@ def test_eval_writes_every_field(workspace, tmp_path, capsys):
                 "val_dsc_all_unets", "fid", "ssim_generated", "ssim_real", "evaluation_date", "config_preset"):
         assert key in result, key
     assert result["training_input"] == TRAIN_INPUT and result["epsilon"] == 5.2 and result["config_preset"] == "tiny"
+    # what the rows compare: how the data were prepared and where the GAN started (the set records no public start)
+    assert result["skull_stripped"].startswith("skull-stripped") and result["started_from"] == "random weights"
     assert set(result["val_dsc_all_unets"]) == {run_name(p) for p in grid()}
     assert result["best_unet"] == max(result["val_dsc_all_unets"], key=lambda k: result["val_dsc_all_unets"][k]["mean"])
     assert result["best_unet_hyperparameters"]["kernels"] == list(config.UNET_KERNELS)

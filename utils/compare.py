@@ -18,7 +18,7 @@ from utils.release import runs_privacy, trial_privacy
 COLUMNS = [
     ("training_input", "training_input", None), ("epsilon", "epsilon", None),
     ("epsilon_valid", "epsilon_valid", None), ("epsilon_valid_prv", "epsilon_valid_prv", None),
-    ("dp_mode", "dp_mode", None), ("privacy_unit", "privacy_unit", None),
+    ("dp_mode", "dp_mode", None), ("privacy_unit", "privacy_unit", None), ("started_from", "started_from", None),
     ("noise_multiplier", "noise_multiplier", None), ("gan_epoch", "gan_epoch", None),
     ("best_unet", "best_unet", None), ("val_dsc", "val_dsc", "mean"),
     ("test_dsc", "test_dsc", "mean"), ("test_dsc_sd", "test_dsc", "sd"), ("test_dsc_brain", "test_dsc_brain", "mean"),
@@ -33,6 +33,7 @@ COLUMNS = [
 # The CSV's `epsilon` is what the run counted (paper mode: the paper's count, not a valid bound); the table shows
 # only valid bounds.
 TABLE = [("training input", "training_input", "{}"), ("privacy unit", "privacy_unit", "{}"),
+         ("GAN start", "started_from", "{}"),
          ("valid eps", "epsilon_valid", "{}"),
          ("eps PRV", "epsilon_valid_prv", "{}"), ("test DSC", "test_dsc", "{:.3f}"),
          ("test2 DSC", "test2_dsc", "{:.3f}"), ("test DSC in brain", "test_dsc_brain", "{:.3f}"),

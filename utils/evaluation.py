@@ -418,7 +418,8 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
     if set_info is None:
         privacy = [("epsilon", "epsilon", "real data"), ("epsilon (valid bound)", "epsilon_valid", "real data"),
                    ("epsilon (valid bound, PRV accountant)", "epsilon_valid_prv", "real data"),
-                   ("privacy unit (what epsilon protects)", "privacy_unit", "none (real data)")]
+                   ("privacy unit (what epsilon protects)", "privacy_unit", "none (real data)"),
+                   ("GAN started from", "started_from", "no GAN (real data)")]
     else:
         paper = set_info.get("dp_mode") == "paper"
         privacy = [("epsilon as the run counted it" + (" (the paper's count: NOT a valid bound)" if paper else ""),
@@ -430,6 +431,10 @@ def result_fields(train_input, data_path, set_info, selection, quality, files):
                    ("DP mode", "dp_mode", set_info.get("dp_mode")),
                    ("privacy unit (what epsilon protects)", "privacy_unit", set_info.get("privacy_unit", "patch")),
                    ("noise multiplier", "noise_multiplier", set_info.get("noisem")),
+                   ("GAN started from", "started_from", "public GAN" if set_info.get("started_from") else
+                    "random weights"),
+                   ("GAN's public start (run_gan.py --init_from)", "started_from_checkpoint",
+                    set_info.get("started_from")),
                    ("GAN epoch", "gan_epoch", set_info.get("epoch"))]
     privacy += audit_fields(train_input, set_info)
     val_best = selection["val"][best.name]
