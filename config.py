@@ -55,6 +55,10 @@ LABEL_SCALE = "01"  # real labels as 0/1 (the paper) or "pm1": -1/1, the range o
 # A public warm start (--init_from): a run_gan.py checkpoint of a run on data that is NOT the patients' (a public
 # dataset). Its generator and critic are where training starts; epsilon covers this run's training data only.
 INIT_FROM = None
+# demo.py (`make demo`, `make utility`): the expected batch of the two GANs that train on the patients from the public
+# GAN, the private one and its non-private reference (None: BATCH_SIZE, as the public GAN). A larger batch at the same
+# epsilon takes fewer, less noisy steps (presets/demo.py).
+FINETUNE_BATCH_SIZE = None
 BATCH_SIZE = 32
 N_DISCR = 5
 EPOCHS = 50

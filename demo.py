@@ -39,6 +39,7 @@ TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, 
 # started from public data, the DP steps adapt it to the patients, and fewer of them need less noise for the same
 # epsilon. The reference gets the same start and as many updates, so the rows compare privacy, not budgets.
 PRIVATE_EPOCHS = max(1, config.EPOCHS // 3)
+FINETUNE_BATCH = config.FINETUNE_BATCH_SIZE or config.BATCH_SIZE
 THRESH = config.THRESH
 MEMORISER = common.patches_path("train").stem  # the audit's name of the training patches as a "synthetic set"
 # Public data: phantoms of another seed (other patients, none of the training, validation or test ones) stand in for
@@ -131,7 +132,7 @@ def demo_stages(noisem):
         sigma, epochs = trials[trial] if trial in trials else (math.inf, config.EPOCHS)
         args = gan_args(trial, sigma, epochs, env and public_work)
         if trial in trials:
-            args += ["--init_from", str(public_start)]
+            args += ["--init_from", str(public_start), "--batch_size", str(FINETUNE_BATCH)]
         origin = " from the public GAN" if trial in trials else " on public phantoms" if env else ""
         return Step(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs{origin})", args,
                     lambda: gan_done(trial, epochs, env and public_work), env)
@@ -179,12 +180,12 @@ def demo_stages(noisem):
 def main():
     common.print_setup("demo")  # `make utility` runs this with DPGAN_PRESET=utility
     n_train = config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT
-    noisem = privacy.noise_for_target_epsilon(TARGET_EPSILON, PRIVATE_EPOCHS, config.BATCH_SIZE, n_train,
+    noisem = privacy.noise_for_target_epsilon(TARGET_EPSILON, PRIVATE_EPOCHS, FINETUNE_BATCH, n_train,
                                               config.N_DISCR, "strict")
     noisem = math.ceil(noisem * 100) / 100  # a round number that still meets the target
     print(f"private GAN: noise multiplier {noisem} gives a strict epsilon <= {TARGET_EPSILON} after "
-          f"{PRIVATE_EPOCHS} epochs (python -m utils.privacy --target_epsilon {TARGET_EPSILON} ...), trained on "
-          f"from a GAN of public phantoms", flush=True)
+          f"{PRIVATE_EPOCHS} epochs at batch {FINETUNE_BATCH} (python -m utils.privacy --target_epsilon "
+          f"{TARGET_EPSILON} ...), trained on from a GAN of public phantoms", flush=True)
     stages = demo_stages(noisem)
     total = sum(len(stage) for stage in stages)
     start, first = time.time(), 1

@@ -48,4 +48,5 @@ def test_the_non_private_reference_has_the_private_gans_start_and_updates(monkey
     flag = lambda step, name: step.args[step.args.index(name) + 1]  # noqa: E731
     assert flag(nonprivate, "--init_from") == flag(private, "--init_from")
     assert flag(nonprivate, "--epochs") == flag(private, "--epochs")
+    assert flag(nonprivate, "--batch_size") == flag(private, "--batch_size") == str(demo.FINETUNE_BATCH)
     assert math.isinf(float(flag(nonprivate, "--noisem"))) and nonprivate.env is None
