@@ -5,7 +5,8 @@ The authors' command works as written:
         --lrd 0.00005 --lrg 0.00005 --ndf 96 --ngf 96 --kd 4 --kg 4 --strd 2 --strg 2 --opg 0 --padg 1 \
         --epochs 50 --seed 12
 --dp_mode strict (default) accounts validly; --dp_mode paper runs the authors' loop and reports both its
-epsilon and the valid one. --noisem inf trains without privacy. --resume continues from the newest checkpoint.
+epsilon and the valid one. --noisem inf trains without privacy. --resume continues from the newest checkpoint (a trial
+stopped in epoch 0 starts again); one run at a time owns a trial (utils/locks.py).
 Seeded runs replay exactly (research); a run whose synthetic data will be shared should use --secure_rng.
 Outputs: gan_model_dir(trial)/epoch_<e>.pth and gan_results_dir(trial)/{config.json, log.csv, *.png}.
 """
@@ -15,8 +16,9 @@ import argparse
 from tqdm import tqdm
 
 import config
-from utils.common import add_device_arg, print_setup, script_main
+from utils.common import add_device_arg, gan_results_dir, print_setup, script_main
 from utils.gan import GRAD_SAMPLE_MODES, LOSSES, OPTIMIZERS, PROGRESS_EVERY, GanTrial
+from utils.locks import owned
 from utils.privacy import DP_MODES
 
 
@@ -101,20 +103,21 @@ def generator_update(trial, args):
 def main(argv=None):
     print_setup("run_gan.py")
     args = parse_args(argv)
-    trial = GanTrial(args)  # validates flags and data, builds networks, privacy engine, sampler; resumes
-    if trial.start_epoch >= args.epochs:
-        print(f"trial {args.trial!r}: all {args.epochs} epochs are done already (last checkpoint: epoch "
-              f"{trial.start_epoch - 1}); pass a larger --epochs to train on")
-        return trial
-    for epoch in range(trial.start_epoch, args.epochs):
-        trial.begin_epoch(epoch)
-        bar = tqdm(range(trial.updates_per_epoch), desc=f"epoch {epoch}", unit="update", leave=False)
-        for update in bar:
-            generator_update(trial, args)
-            if update % PROGRESS_EVERY == 0:
-                bar.set_postfix(trial.progress())
-        bar.close()
-        trial.end_epoch()  # checkpoint, log.csv, plots, samples, one printed line
+    with owned(gan_results_dir(args.trial), f"GAN trial {args.trial!r}"):  # one run per trial, or they mix outputs
+        trial = GanTrial(args)  # validates flags and data, builds networks, privacy engine, sampler; resumes
+        if trial.start_epoch >= args.epochs:
+            print(f"trial {args.trial!r}: all {args.epochs} epochs are done already (last checkpoint: epoch "
+                  f"{trial.start_epoch - 1}); pass a larger --epochs to train on")
+            return trial
+        for epoch in range(trial.start_epoch, args.epochs):
+            trial.begin_epoch(epoch)
+            bar = tqdm(range(trial.updates_per_epoch), desc=f"epoch {epoch}", unit="update", leave=False)
+            for update in bar:
+                generator_update(trial, args)
+                if update % PROGRESS_EVERY == 0:
+                    bar.set_postfix(trial.progress())
+            bar.close()
+            trial.end_epoch()  # log.csv, plots, samples, then the checkpoint that commits the epoch; one line
     return trial
 
 

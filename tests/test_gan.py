@@ -4,6 +4,9 @@ import copy
 import csv
 import json
 import math
+import os
+import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -627,3 +630,81 @@ def test_init_from_starts_the_generator_and_its_average_from_the_public_average(
     for net in (warm.generator, warm.generator_ema):
         assert all(torch.equal(v, saved["generator_ema"][k]) for k, v in net.state_dict().items())
     assert not all(torch.equal(v, saved["generator"][k]) for k, v in warm.generator.state_dict().items())
+
+
+# ---- a trial owned by one run; an epoch committed as one unit; a stopped run repaired ----
+def test_a_trial_another_live_run_owns_is_refused_and_nothing_is_written(work, capsys):
+    from utils.locks import lock_path
+
+    lock = lock_path(gan_results_dir("t"))
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    assert f"GAN trial 't' is in use by process {os.getppid()}" in expect_error(capsys, "--epochs", "1")
+    assert not gan_model_dir("t").exists() and not gan_results_dir("t").exists() and lock.exists()
+
+
+def stop_at_checkpoint(monkeypatch, epoch):
+    """Stop the run (as a kill would) when it is about to write the checkpoint of `epoch`."""
+    def save(path, obj):
+        if obj["epoch"] == epoch:
+            raise KeyboardInterrupt("killed")
+        return original(path, obj)
+    original = gan.save_torch
+    monkeypatch.setattr(gan, "save_torch", save)
+    return original
+
+
+def test_a_run_stopped_before_its_checkpoint_resumes_to_the_log_of_an_uninterrupted_run(work, monkeypatch, capsys):
+    straight = train("--trial", "a", "--epochs", "2")
+    train("--trial", "b", "--epochs", "1")
+    original = stop_at_checkpoint(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train("--trial", "b", "--epochs", "2", "--resume")
+    monkeypatch.setattr(gan, "save_torch", original)
+    assert len(log_rows("b")) == 2 and gan.checkpoint_epochs("b") == [0]  # the epoch's log row, not its checkpoint
+    (gan_model_dir("b") / ".epoch_1.pth.k2j_x9a0.pth").write_bytes(b"half a checkpoint")  # killed in torch.save
+    resumed = train("--trial", "b", "--epochs", "2", "--resume")
+    out = capsys.readouterr().out
+    assert "removed .epoch_1.pth.k2j_x9a0.pth" in out and "epoch 1 of trial 'b' was left half-done" in out
+    assert resumed.start_epoch == 1 and sorted(p.name for p in gan_model_dir("b").iterdir()) == ["epoch_0.pth",
+                                                                                                  "epoch_1.pth"]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in log_rows("b")] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in log_rows("a")]
+    assert resumed.engine.accountant.history == straight.engine.accountant.history
+
+
+def test_a_checkpoint_without_its_log_row_is_set_aside_and_its_epoch_trained_again(work, capsys):
+    train("--epochs", "2")
+    rows = log_rows()
+    gan.write_log(gan_results_dir("t") / "log.csv", gan.read_log(gan_results_dir("t") / "log.csv")[:1])  # old order
+    train("--epochs", "2", "--resume")
+    assert "epoch 1 was left half-done (its checkpoint has no row in log.csv" in capsys.readouterr().out
+    assert [r["epsilon"] for r in log_rows()] == [r["epsilon"] for r in rows]  # epoch 1 has its row again
+    assert (gan_model_dir("t") / "epoch_1.pth.unlogged").is_file()  # kept, not deleted
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_a_trial_stopped_in_epoch_0_starts_again_with_or_without_resume(work, monkeypatch, capsys, resume):
+    original = stop_at_checkpoint(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train("--epochs", "1")
+    monkeypatch.setattr(gan, "save_torch", original)
+    assert (gan_results_dir("t") / "config.json").is_file() and gan.checkpoint_epochs("t") == []
+    trial = train("--epochs", "1", *resume)
+    assert "it starts again from epoch 0" in capsys.readouterr().out
+    assert trial.start_epoch == 0 and gan.checkpoint_epochs("t") == [0] and len(log_rows()) == 1
+
+
+def test_resume_refuses_a_changed_patches_file_and_a_folder_without_room_before_training(work, capsys, monkeypatch):
+    train("--epochs", "1")
+    original = patches_path("train").read_bytes()
+    write_patches(seed=1)  # re-extracted: as many patches, other contents
+    err = expect_error(capsys, "--epochs", "2", "--resume")
+    assert "the patches file" in err and "has changed since the trial started" in err
+    patches_path("train").write_bytes(original)
+    monkeypatch.setattr(run_gan, "generator_update", lambda *a: pytest.fail("trained before checking the folders"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(1, 1, 0))
+    err = expect_error(capsys, "--epochs", "2", "--resume")
+    assert "the checkpoints need about" in err and str(gan_model_dir("t")) in err
+    assert gan.checkpoint_epochs("t") == [0] and len(log_rows()) == 1

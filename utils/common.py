@@ -1,10 +1,13 @@
 """Helpers every script shares: clear errors, atomic writes, paths, scaling, devices."""
 
+import errno
 import functools
 import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +25,8 @@ class PipelineError(Exception):
 
 
 def script_main(main):
-    """Run a script's main(); a PipelineError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a PipelineError, or an OSError of WRITE_FAILURES, becomes one line on stderr and exit
+    code 2."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -30,6 +34,11 @@ def script_main(main):
             return main(argv)
         except PipelineError as err:
             print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as err:  # a full disk or a read-only folder that no check above caught: still one line
+            if err.errno not in WRITE_FAILURES:
+                raise
+            print(f"error: {err.filename or 'a file'}: {WRITE_FAILURES[err.errno]}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper
@@ -39,20 +48,67 @@ def print_setup(script):
     print(f"[{script}] preset: {config.PRESET} | data: {config.DATA_DIR} | work: {config.WORK_DIR}", flush=True)
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path) and move the result to path, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+# Why a write failed, in words, for the errors a user can fix (free space, permissions, a read-only mount).
+WRITE_FAILURES = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                  errno.EROFS: "the file system is read-only"}
+# atomic_write's temporary files: "." + the file's name + "." + mkstemp's 8 random characters (+ suffix). One that
+# is left behind was being written when its process was killed.
+PARTIAL_FILE = re.compile(r"\..+\.[a-z0-9_]{8}(\.[^.]*)?")
+
+
+def write_failure(path, err, what="file"):
+    """A PipelineError for an OSError while writing `what` at `path`: one line with the path and the reason."""
+    reason = WRITE_FAILURES.get(err.errno, err.strerror or str(err))
+    return PipelineError(f"cannot write the {what} {path}: {reason} (the file as it was is kept; free space or fix "
+                         f"the folder's permissions and run again)")
+
+
+def atomic_write(path, write, what="file"):
+    """Call write(tmp_path) and move the result to path, so a crash never leaves half a file. A full disk, a
+    read-only folder or missing permissions become a PipelineError naming the path (write_failure)."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs are shared like any other file
         os.replace(tmp, path)
+    except OSError as err:
+        raise write_failure(path, err, what) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def remove_partial_files(folder):
+    """Delete the temporary files atomic_write left in `folder` when its process was killed mid-write (call it only
+    while owning the folder: utils.locks). Returns their names."""
+    folder = Path(folder)
+    partial = sorted(p for p in folder.iterdir() if p.is_file() and PARTIAL_FILE.fullmatch(p.name)) \
+        if folder.is_dir() else []
+    for path in partial:
+        path.unlink()
+    return [p.name for p in partial]
+
+
+def check_writable(folder, what, need_bytes=0):
+    """Before a long computation: `folder` can be created and written and has need_bytes free, or a PipelineError
+    says which folder and why (nothing has been computed yet)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        reason = WRITE_FAILURES.get(err.errno, err.strerror or str(err))
+        raise PipelineError(f"cannot write the {what} in {folder}: {reason}; nothing was computed") from None
+    if free < need_bytes:
+        raise PipelineError(f"the {what} need about {need_bytes / 1e6:.0f} MB in {folder}, which has "
+                            f"{free / 1e6:.0f} MB free; free space and run again (nothing was computed)")
 
 
 def save_npz(path, **arrays):
@@ -71,7 +127,16 @@ def save_json(path, obj):
 def save_torch(path, obj):
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:  # torch reports a failed write as "unexpected pos"; the OSError is its cause
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
+
+    return atomic_write(path, write)
 
 
 def save_figure(path, fig):

@@ -22,6 +22,7 @@ import copy
 import csv
 import functools
 import math
+import os
 import random
 import re
 import secrets
@@ -47,6 +48,7 @@ from utils.canaries import canaries_path, load_canaries, make_canaries, save_can
 from utils.common import (
     PipelineError,
     atomic_write,
+    check_writable,
     config_values,
     file_sha256,
     gan_model_dir,
@@ -55,6 +57,7 @@ from utils.common import (
     load_npz,
     minmax_scale,
     patches_path,
+    remove_partial_files,
     resolve_device,
     save_figure,
     save_json,
@@ -560,6 +563,8 @@ class GanTrial:
         self.args = args
         self.validate_flags(args)
         self.model_dir, self.results_dir = gan_model_dir(args.trial), gan_results_dir(args.trial)
+        self.start_epoch = self._start_epoch()  # repairs what a stopped run left; refuses a trial it may not touch
+        self.resuming = self.start_epoch > 0
         img, label, patients, self.skull_stripped = read_patches()
         self.data = scale_pairs(img, label, args.label_scale)
         # Audit canaries drawn in join the training set as units of their own (utils/canaries.py); the
@@ -595,13 +600,14 @@ class GanTrial:
         random.seed(args.seed)
         self.model_args = model_args(args)
         self.generator, self.critic = build_networks(self.model_args)
-        self.start_epoch, self.generator_updates, self.log_rows = 0, 0, []
-        self._check_trial_folders()  # nothing is written before this point
-        # A public warm start: on --resume the trial's own checkpoint overrides it, so it is read only at the start.
+        self.generator_updates, self.log_rows = 0, []
         self.patches_sha256 = file_sha256(patches_path("train"))
+        if self.resuming:
+            self._check_resumed_settings()
+        # A public warm start: on --resume the trial's own checkpoint overrides it, so it is read only at the start.
         self.init_sha256 = start_from_public(self.generator, self.critic, args.init_from, self.model_args,
                                              self.patches_sha256, self.skull_stripped) \
-            if args.init_from and not args.resume else None
+            if args.init_from and not self.resuming else None
 
         self.sampler_generator, self.noise_generator = seed_generators(args.seed, args.secure_rng, self.device)
         self.fixed_noise = torch.randn(N_FIXED_SAMPLES, config.LATENT_DIM,
@@ -619,7 +625,7 @@ class GanTrial:
         self.step_options = dict(loss=args.loss, augment=diff_augment if args.diffaugment else None)
         self.autocast = functools.partial(torch.autocast, self.device.type, torch.bfloat16, enabled=args.amp)
         self.weight_clip = args.clip_param_W if args.loss == "wgan" else None
-        checkpoint = self._load_checkpoint(opt_d) if args.resume else None
+        checkpoint = self._load_checkpoint(opt_d) if self.resuming else None
         if self.private:
             self.d, self.opt_d, self.engine, sampler = make_private_critic(
                 self.critic, opt_d, self.n_units, self.sample_rate, self.batch_units, args.noisem,
@@ -632,6 +638,7 @@ class GanTrial:
             self.d, self.opt_d, self.engine = self.critic, opt_d, None
             sampler = poisson_sampler(self.n_units, self.sample_rate, self.sampler_generator)
             self.critic_step_fn = functools.partial(plain_critic_step, **self.step_options)
+        self._check_writable()  # nothing is written before this point (but the repairs of _start_epoch)
         if checkpoint is not None:
             if self.private:
                 self.engine.accountant.history = [tuple(h) for h in checkpoint["accountant"]["history"]]
@@ -702,7 +709,7 @@ class GanTrial:
     def _audit_canaries(self, img, label):
         """The trial's canaries: made and drawn now (saved with the config), or on --resume read back."""
         path = canaries_path(self.results_dir)
-        if self.args.resume:
+        if self.resuming:
             return load_canaries(path)
         seed = secrets.randbits(64) if self.args.secure_rng else [self.args.seed, 7]
         canaries = make_canaries(img, label, self.args.audit_canaries, np.random.default_rng(seed))
@@ -711,20 +718,62 @@ class GanTrial:
               f"released", flush=True)
         return canaries
 
-    def _check_trial_folders(self):
-        """Refuse to start over an existing trial; for --resume, check it exists and was run with these flags."""
-        trial = self.args.trial
-        if not self.args.resume:
-            for folder in (self.model_dir, self.results_dir):
-                if folder.exists():
-                    raise PipelineError(f"trial {trial!r} exists already ({folder}); pass --resume to continue it "
-                                        f"or choose another --trial (nothing was written)")
-            return
-        epochs = checkpoint_epochs(trial)
-        config_path = self.results_dir / "config.json"
-        if not epochs or not config_path.is_file():
-            raise PipelineError(f"--resume: trial {trial!r} has nothing to resume (no checkpoint in {self.model_dir} "
-                                f"or no {config_path}); delete what is left of it and start it without --resume")
+    def _start_epoch(self):
+        """The epoch this run starts at: 0 for a new trial and for one whose run stopped in epoch 0 (it starts again,
+        with or without --resume, so that a requeued job runs); with --resume the epoch after the newest complete
+        one. An epoch is complete once its checkpoint is written: end_epoch writes it last, after the epoch's log
+        row and samples. Repairs what a stopped run left: its temporary files are removed, and the checkpoint of an
+        epoch without a log row (versions that wrote the checkpoint first) is set aside and the epoch trained again.
+        Refuses to start over a trial with a complete epoch."""
+        trial, folders = self.args.trial, (self.model_dir, self.results_dir)
+        if not any(folder.exists() for folder in folders):
+            if self.args.resume:
+                raise PipelineError(f"--resume: trial {trial!r} has nothing to resume (no folder {self.model_dir} or "
+                                    f"{self.results_dir}); start it without --resume")
+            return 0
+        epochs, log_path = checkpoint_epochs(trial), self.results_dir / "log.csv"
+        logged = [row["epoch"] for row in read_log(log_path)]
+        if epochs and not logged and epochs[-1] > 0:
+            raise PipelineError(f"trial {trial!r} has checkpoints up to epoch {epochs[-1]} but no {log_path}, which "
+                                f"says which epochs are complete; restore it, or delete the trial to start again")
+        unlogged = []  # the newest checkpoints without a log row: their epochs are not complete
+        while epochs and epochs[-1] not in logged:
+            unlogged.insert(0, epochs.pop())
+        if epochs and not self.args.resume:
+            raise PipelineError(f"trial {trial!r} exists already ({self.model_dir}, epochs up to {epochs[-1]}); pass "
+                                f"--resume to continue it or choose another --trial (nothing was written)")
+        for folder in folders:
+            removed = remove_partial_files(folder)
+            if removed:
+                print(f"trial {trial!r}: removed {', '.join(removed)} from {folder}: partly written when a run was "
+                      f"stopped", flush=True)
+        for epoch in unlogged:
+            self._set_aside_unlogged(epoch, epochs[-1] if epochs else None)
+        if not epochs:
+            print(f"trial {trial!r} has no complete epoch (its run stopped in epoch 0): it starts again from epoch 0",
+                  flush=True)
+            return 0
+        if logged[-1] > epochs[-1]:
+            print(f"--resume: epoch {epochs[-1] + 1} of trial {trial!r} was left half-done (its log row and samples "
+                  f"were written, its checkpoint not): it is trained again from the checkpoint of epoch {epochs[-1]}",
+                  flush=True)
+        return epochs[-1] + 1
+
+    def _set_aside_unlogged(self, epoch, previous):
+        path = checkpoint_path(self.args.trial, epoch)
+        kept = path.with_name(path.name + ".unlogged")
+        os.replace(path, kept)
+        since = f"from the checkpoint of epoch {previous}" if previous is not None else "from the start"
+        print(f"trial {self.args.trial!r}: epoch {epoch} was left half-done (its checkpoint has no row in log.csv: the "
+              f"run was stopped between them); the checkpoint is set aside as {kept} and epoch {epoch} is trained "
+              f"again {since}", flush=True)
+
+    def _check_resumed_settings(self):
+        """--resume: the trial must have been run with these flags, on this patches file."""
+        trial, config_path = self.args.trial, self.results_dir / "config.json"
+        if not config_path.is_file():
+            raise PipelineError(f"--resume: trial {trial!r} has checkpoints but no {config_path}, which records its "
+                                f"settings; restore it, or delete the trial to start again")
         stored = load_json(config_path, "trial config")
         ran = {**FLAGS_ADDED_LATER, **stored["args"]}
         different = [f"--{k} {v!r} (the trial has {ran.get(k)!r})" for k, v in vars(self.args).items()
@@ -734,9 +783,14 @@ class GanTrial:
             different.append(f"config.PATCH_SIZE {config.PATCH_SIZE} (the trial has {stored_size})")
         if stored.get("n_samples") != self.n_samples:
             different.append(f"the patches file now has {self.n_samples} patches (the trial had {stored['n_samples']})")
+        recorded = stored.get("patches_sha256")
+        if recorded and recorded != self.patches_sha256:
+            different.append(f"the patches file {patches_path('train')} has changed since the trial started (sha256 "
+                             f"{self.patches_sha256[:12]}..., config.json records {recorded[:12]}...): training on "
+                             f"would mix two data sets in one model and one epsilon; restore that file or start a "
+                             f"new --trial")
         if different:
             raise PipelineError(f"--resume: trial {trial!r} was started with other settings: {'; '.join(different)}")
-        self.start_epoch = epochs[-1] + 1
 
     def _load_checkpoint(self, opt_d):
         """Networks, optimizers, generator updates and log rows of the newest checkpoint; returns it."""
@@ -751,6 +805,13 @@ class GanTrial:
         self.generator_updates = checkpoint["accountant"]["generator_updates"]
         self.log_rows = [row for row in read_log(self.results_dir / "log.csv") if row["epoch"] < self.start_epoch]
         return checkpoint
+
+    def _check_writable(self):
+        """Before training: both folders can be written, the checkpoints' with room for two of them (a checkpoint
+        holds the networks, their optimizer states and the EMA: about five copies of the weights)."""
+        weights = sum(p.numel() * p.element_size() for p in self.parameters())
+        check_writable(self.model_dir, "checkpoints", need_bytes=2 * 5 * weights)
+        check_writable(self.results_dir, "log and figures", need_bytes=10_000_000)
 
     def _write_config(self):
         save_json(self.results_dir / "config.json",
@@ -882,14 +943,16 @@ class GanTrial:
         epsilon, epsilon_valid, epsilon_prv = self.epsilon(prv=True)
         row = {"epoch": epoch, **self.epoch_means(), "epsilon": epsilon, "epsilon_valid": epsilon_valid,
                "epsilon_valid_prv": epsilon_prv, "steps": self.accounted_steps(), "seconds": time.time() - self.started}
-        save_torch(checkpoint_path(self.args.trial, epoch), {
+        checkpoint = {  # the state at the epoch's end, RNG states included, taken before anything else runs
             "epoch": epoch, "generator": self.generator.state_dict(), "discriminator": self.critic.state_dict(),
             "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "accountant": {"history": list(self.engine.accountant.history) if self.private else [],
                            "generator_updates": self.generator_updates, "sample_rate": self.sample_rate,
                            "delta": self.delta, "dp_mode": self.args.dp_mode},
-            "rng": rng_states(self.sampler_generator, self.noise_generator), "model_args": self.model_args})
+            "rng": rng_states(self.sampler_generator, self.noise_generator), "model_args": self.model_args}
+        # The checkpoint is written last and commits the epoch: a run stopped before it leaves at most the epoch's
+        # log row and figures, which --resume replaces by training the epoch again from the previous checkpoint.
         self.log_rows.append(row)
         write_log(self.results_dir / "log.csv", self.log_rows)
         plot_losses(self.results_dir / "losses.png", self.log_rows)
@@ -899,6 +962,7 @@ class GanTrial:
             samples = shown(self.fixed_noise).cpu().numpy()
             shown.train()
         plot_samples(self.results_dir / f"samples_epoch_{epoch}.png", samples, epoch)
+        save_torch(checkpoint_path(self.args.trial, epoch), checkpoint)
         counted = "" if self.args.dp_mode == "strict" else f" (the paper's count, not a valid bound: {epsilon:.4g})"
         print(f"epoch {epoch}/{self.args.epochs - 1} | internal, not covered by epsilon: loss_d {row['loss_d']:.5f} "
               f"loss_g {row['loss_g']:.5f} W {row['wasserstein']:.5f} D(x) {row['d_real']:.4f} "
