@@ -157,3 +157,29 @@ def test_patient_level_calculator_refuses_more_patients_per_batch_than_patients(
 def test_noise_to_signal_is_sigma_sqrt_d_over_b():
     assert privacy.noise_to_signal(0.5, 10_000, 25) == pytest.approx(0.5 * 100 / 25)
     assert privacy.critic_parameters(16) == sum(p.numel() for p in Discriminator(16).parameters()) > 100_000
+
+
+PAPER_SCALE = ["--n_samples", "41000", "--batch_size", "32", "--n_discr", "5"]
+
+
+@pytest.mark.parametrize("flags", [["--target_epsilon", "1000", "--epochs", "50"],
+                                   ["--epochs", "10000", "--noisem", "1"], ["--epochs", "100000", "--noisem", "1"]])
+def test_the_calculator_answers_huge_inputs_in_seconds_with_rdp_and_says_why_prv_is_not_computed(flags):
+    import time
+
+    start = time.time()
+    result = privacy.main([*flags, *PAPER_SCALE])
+    assert time.time() - start < 30
+    assert math.isfinite(result["epsilon_valid"]) and result["epsilon_valid_prv"] is None
+    assert "not computed: Opacus's PRV accountant would discretise this history on" in result["epsilon_valid_prv_note"]
+
+
+def test_a_prv_search_out_of_reach_is_refused_naming_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        privacy.main(["--target_epsilon", "1000", "--epochs", "50", "--accountant", "prv", *PAPER_SCALE])
+    assert "--accountant prv --target_epsilon 1000.0: Opacus's PRV accountant" in capsys.readouterr().err
+
+
+def test_prv_is_still_computed_for_a_paper_scale_run():
+    history = [(0.65, 32 / 41_000, 64_050 * 5)]
+    assert privacy.prv_out_of_reach(history, 1 / 41_000) is None  # 4.5 million points: seconds
