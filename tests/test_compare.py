@@ -2,6 +2,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 
 import compare_results
@@ -117,3 +118,30 @@ def test_the_best_run_of_a_noise_carries_the_epsilon_of_every_run_it_was_chosen_
     assert composed > 1.4 * float(row["best_epsilon_valid"])
     out = capsys.readouterr().out
     assert "eps of the pick" in out and f"{composed:.3g}" in out
+
+
+def test_results_audit_or_bundle_of_a_set_regenerated_since_are_refused_with_the_commands_to_redo(dirs):
+    from utils.common import file_sha256, save_npz, synthetic_path
+    from utils.release import release_dir
+
+    _, work, _ = dirs
+    results, set_path = work / "results", synthetic_path("a", 49, 0.8)
+    save_npz(set_path, img=np.zeros((2, 4, 4)), label=np.zeros((2, 4, 4), np.uint8))
+    set_path.with_suffix(".json").write_text(json.dumps({"trial": "a", "epoch_requested": 49, "thresh": 0.8}))
+    old = file_sha256(set_path)
+    release_dir("DP_a_49_0.8").mkdir(parents=True)
+    (release_dir("DP_a_49_0.8") / "synthetic.npz").write_bytes(set_path.read_bytes())
+    write_result(results, "DP_a_49_0.8", 5.0, 0.8, training_data=str(set_path), training_sha256=old)
+    (results / "DP_a_49_0.8_audit.json").write_text(json.dumps({"mia_auc": 0.5, "synthetic": str(set_path),
+                                                                "synthetic_sha256": old}))
+    assert compare_results.main.__wrapped__([])[0]["training_input"] == "DP_a_49_0.8"  # all in step
+    save_npz(set_path, img=np.ones((2, 4, 4)), label=np.zeros((2, 4, 4), np.uint8))  # generate_samples --overwrite
+    summary = (results / "summary.csv").read_bytes()
+    with pytest.raises(PipelineError) as err:
+        compare_results.main.__wrapped__([])
+    message = str(err.value)
+    assert "DP_a_49_0.8_results.json was computed on other contents" in message
+    assert "python eval_unet.py --trial a --epoch 49 --thresh 0.8 --overwrite" in message
+    assert "DP_a_49_0.8_audit.json audited other contents" in message and "audit_privacy.py --trial a" in message
+    assert "the release bundle" in message and "holds other pairs than the set" in message
+    assert (results / "summary.csv").read_bytes() == summary  # nothing was written

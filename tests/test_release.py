@@ -2,6 +2,8 @@
 trials (a checkpoint with a given accountant)."""
 
 import json
+import os
+import socket
 
 import pytest
 import torch
@@ -219,3 +221,41 @@ def test_a_set_chosen_among_runs_carries_their_composed_epsilon_beside_its_own(d
     info = json.loads(synthetic_path("s13", 2, 0.8).with_suffix(".json").read_text())
     assert info["epsilon_valid"] == pytest.approx(composed) and info["chosen_from"] == ["s13", "s12", "s14"]
     assert info["epsilon_valid_single_run"] == pytest.approx(single)
+
+
+def test_a_full_disk_under_the_release_keeps_the_old_set_and_bundle_together(work, capsys, monkeypatch):
+    import errno
+
+    from utils import common
+
+    folder, _ = release_after_training("p", "--noisem", "1.0", epoch=2)
+    set_path = synthetic_path("p", 2, 0.8)
+    before = {p: p.read_bytes() for p in (set_path, set_path.with_suffix(".json"), *folder.iterdir())}
+    original = common.save_json
+
+    def full_under_release(path, obj):
+        if "release" in str(path):
+            raise common.write_failure(path, OSError(errno.ENOSPC, "No space left on device"))
+        return original(path, obj)
+
+    monkeypatch.setattr(release, "save_json", full_under_release)
+    with pytest.raises(SystemExit):
+        generate_samples.main(["--trial", "p", "--epoch", "2", "--n_samples", "4", "--overwrite"])
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(error) == 1 and "privacy.json: no space left on the disk" in error[0]
+    assert {p: p.read_bytes() for p in before} == before  # neither the set nor the bundle was replaced
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no staging folder left
+    assert not list(set_path.parent.glob(".*"))
+
+
+def test_a_set_another_live_run_is_writing_is_refused(work, capsys):
+    from utils.locks import lock_path
+
+    run_gan.main(["--trial", "p", "--epochs", "1", "--noisem", "1.0"])
+    lock = lock_path(synthetic_path("p", 0, 0.8))
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(SystemExit):
+        generate_samples.main(["--trial", "p", "--epoch", "0", "--n_samples", "4"])
+    assert "synthetic set DP_p_0_0.8 is in use by process" in capsys.readouterr().err
+    assert not synthetic_path("p", 0, 0.8).exists() and not release_dir("DP_p_0_0.8").exists()

@@ -398,6 +398,7 @@ def critic_scorer(trial, epoch, device):
 def audit_synthetic_set(args):
     """audit_privacy.py: every check first, then the attacks, the JSON and the ROC figure."""
     from utils.common import (
+        file_sha256,
         load_json,
         patches_path,
         refuse_existing,
@@ -421,7 +422,8 @@ def audit_synthetic_set(args):
     if not args.overwrite:
         refuse_existing(json_path)
         refuse_existing(roc_path)
-    synthetic = load_pairs(path, "synthetic set")
+    digest = file_sha256(path) if path.is_file() else None  # before reading: compare_results.py checks the set
+    synthetic = load_pairs(path, "synthetic set")            # against it (a set regenerated since is not this one)
     members = load_pairs(patches_path("train"), "training patches", need_patients=True)
     held_out = held_out_patches()
     info_path = path.with_suffix(".json")
@@ -432,7 +434,8 @@ def audit_synthetic_set(args):
           f"{len(held_out['img'])} held-out patches; white-box critic: {'yes' if scorer else 'not available'}",
           flush=True)
     result, curves = membership_audit(synthetic, members, held_out, critic_score=scorer)
-    result = {"set": set_name, "synthetic": str(path), "epsilon_valid": info.get("epsilon_valid", "unknown"),
+    result = {"set": set_name, "synthetic": str(path), "synthetic_sha256": digest,
+              "epsilon_valid": info.get("epsilon_valid", "unknown"),
               "threat_model": "black box: the released synthetic pairs only; white box (critic_auc): also the "
                               "critic, which is internal and never released", **result}
     save_json(json_path, result)

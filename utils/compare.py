@@ -11,8 +11,8 @@ from pathlib import Path
 
 import config
 from utils.audit import audit_paths
-from utils.common import PipelineError, atomic_write, load_json, save_figure
-from utils.release import runs_privacy, trial_privacy
+from utils.common import PipelineError, atomic_write, file_sha256, load_json, save_figure
+from utils.release import release_dir, runs_privacy, trial_privacy
 
 # (CSV column, key in <train_input>_results.json, part of a {"mean", "sd"} value or None)
 COLUMNS = [
@@ -53,9 +53,10 @@ def collect(folder=None):
     paths = sorted(folder.glob("*_results.json"))
     if not paths:
         raise PipelineError(f"no *_results.json in {folder}; run eval_unet.py first")
-    rows = []
+    rows, stale, hashes = [], [], {}
     for path in paths:
         result = load_json(path, "result file")
+        stale += stale_inputs(path, result, audit_paths(result.get("training_input"), folder)[0], hashes)
         row = {}
         for column, key, part in COLUMNS:
             value = result.get(key)
@@ -69,7 +70,40 @@ def collect(folder=None):
             row["fid_train"] = row["fid_test"] = result["fid"]
         row["run"] = run_of(result)  # not a CSV column: what a pick among runs composes
         rows.append(row)
+    if stale:
+        raise PipelineError("results that no longer describe their inputs (nothing was written):\n  - "
+                            + "\n  - ".join(stale))
     return rows
+
+
+def stale_inputs(result_path, result, audit_path, hashes):
+    """What changed since a result (or its set's audit, or its set's release bundle) was computed from it: a line
+    per problem with the command that brings it up to date; [] when everything matches. hashes caches file_sha256."""
+    def digest(path):
+        if path not in hashes:
+            hashes[path] = file_sha256(path)
+        return hashes[path]
+
+    data, name = Path(result.get("training_data") or "none"), result.get("training_input")
+    if not data.is_file():
+        return []
+    info = load_json(data.with_suffix(".json"), "synthetic set information") if name != "real" and \
+        data.with_suffix(".json").is_file() else {}
+    flags = "--real" if name == "real" else f"--trial {info.get('trial')} --epoch {info.get('epoch_requested')} " \
+                                             f"--thresh {info.get('thresh')}"
+    problems = []
+    if result.get("training_sha256") not in (None, digest(data)):
+        problems.append(f"{result_path} was computed on other contents of {data} (regenerated since): run "
+                        f"`python run_unet.py {flags} --overwrite` and `python eval_unet.py {flags} --overwrite`")
+    audit = load_json(audit_path, "privacy audit") if name != "real" and audit_path.is_file() else {}
+    if audit.get("synthetic_sha256") not in (None, digest(data)):
+        problems.append(f"{audit_path} audited other contents of {data} (regenerated since): run "
+                        f"`python audit_privacy.py {flags} --overwrite`")
+    bundle = release_dir(name) / "synthetic.npz"
+    if name != "real" and bundle.is_file() and digest(bundle) != digest(data):
+        problems.append(f"the release bundle {bundle.parent} holds other pairs than the set {data}: run "
+                        f"`python generate_samples.py {flags} --overwrite`")
+    return problems
 
 
 def run_of(result):

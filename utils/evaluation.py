@@ -542,4 +542,6 @@ def evaluate_training_input(args):
                           config.EVAL_SEED)
         files["t-SNE"] = str(tsne_path(train_input))
     fields = result_fields(train_input, data_path, set_info, selection, quality, files)
+    # what compare_results.py checks the training file against: a set regenerated since makes these results stale
+    fields.insert(2, ("training data sha256", "training_sha256", digest))
     return write_results(fields, txt_path, json_path), txt_path

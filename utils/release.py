@@ -19,7 +19,7 @@ from pathlib import Path
 
 import config
 from utils import privacy
-from utils.common import PipelineError, refuse_existing, save_json, save_npz, save_torch, versions
+from utils.common import PipelineError, atomic_write, refuse_existing, save_json, save_npz, save_torch, versions
 from utils.gan import GENERATOR_ARGS, checkpoint_path, describe_group_privacy, load_checkpoint
 
 RELEASE_FILES = ("synthetic.npz", "generator.pt", "privacy.json", "README.txt")
@@ -282,12 +282,10 @@ How it was made:
 """
 
 
-def write_release(set_name, img, label, generator, model_args, statement, trial, overwrite=False):
-    """Write release_dir(set_name) with exactly RELEASE_FILES; an existing bundle needs overwrite=True and is
-    replaced only once the new one is complete."""
+def stage_release(set_name, img, label, generator, model_args, statement, trial):
+    """Write a new bundle with exactly RELEASE_FILES into a hidden staging folder beside release_dir(set_name) and
+    return it; commit_release puts it in place (generate_samples.py does so together with the synthetic set)."""
     out = release_dir(set_name)
-    if not overwrite:
-        refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{set_name}."))
     try:
@@ -297,12 +295,38 @@ def write_release(set_name, img, label, generator, model_args, statement, trial,
                                               "model_args": {k: model_args[k] for k in GENERATOR_ARGS
                                                              if k in model_args}})
         save_json(staging / "privacy.json", statement)
-        (staging / "README.txt").write_text(readme_text(set_name, statement, trial))
+        atomic_write(staging / "README.txt", lambda tmp: Path(tmp).write_text(readme_text(set_name, statement, trial)))
         staging.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def commit_release(staging, set_name):
+    """Replace release_dir(set_name) by the staged bundle: the old one is moved aside first and deleted last, so a
+    stop in between leaves a whole bundle under one of the two names."""
+    out = release_dir(set_name)
+    old = out.with_name(f".{set_name}.replaced") if out.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
+
+
+def remove_staged_releases(set_name):
+    """Delete the staging folders of set_name's bundle that a stopped run left (call it while owning the set)."""
+    for leftover in release_dir(set_name).parent.glob(f".{set_name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+
+
+def write_release(set_name, img, label, generator, model_args, statement, trial, overwrite=False):
+    """Write release_dir(set_name) with exactly RELEASE_FILES; an existing bundle needs overwrite=True and is
+    replaced only once the new one is complete."""
+    if not overwrite:
+        refuse_existing(release_dir(set_name))
+    return commit_release(stage_release(set_name, img, label, generator, model_args, statement, trial), set_name)

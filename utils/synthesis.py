@@ -22,6 +22,9 @@ of all of them, composed (utils/release.py runs_privacy).
 
 import csv
 import math
+import os
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -30,9 +33,11 @@ import torch
 from tqdm import tqdm
 
 import config
+from model import PATCH
 from utils import release
 from utils.common import (
     PipelineError,
+    check_writable,
     gan_model_dir,
     gan_results_dir,
     load_json,
@@ -48,6 +53,7 @@ from utils.common import (
 )
 from utils.data import stripped_of
 from utils.gan import build_generator, checkpoint_path
+from utils.locks import owned
 
 BEST_EPOCH = 9999  # --epoch 9999: the epoch of minimum generator loss after the skipped ones
 SHAPE_FLAGS = ("ngf", "kg", "strg", "padg", "opg", "upsampling")  # generate_samples.py flags = model_args keys
@@ -227,6 +233,12 @@ def generate_samples(args):
     if not args.overwrite:
         refuse_existing(out)
         refuse_existing(release.release_dir(set_name))
+    with owned(out, f"synthetic set {set_name}"):  # one run at a time writes a set and its bundle
+        return write_synthetic_set(args, out, set_name)
+
+
+def write_synthetic_set(args, out, set_name):
+    """The set `out` (+ .json, .png) and its release bundle, written together once every check has passed."""
     available_epochs(args.trial)  # a missing trial fails here, before anything else is read
     trial_config = read_trial_config(args.trial)
     log = read_log(args.trial)
@@ -241,6 +253,11 @@ def generate_samples(args):
     guarantee = pick or trial_privacy
     n_samples = args.n_samples or default_n_samples(trial_config)
     device = resolve_device(args.device)
+    refusal = release.canary_refusal(args.trial, trial_config)
+    set_bytes = n_samples * model_args.get("patch_size", PATCH) ** 2 * 5  # float32 image + uint8 label per pixel
+    check_writable(out.parent, "synthetic set", need_bytes=set_bytes)
+    if not refusal:
+        check_writable(release.release_dir(set_name).parent, "release bundle", need_bytes=set_bytes)
     print(f"trial {args.trial}, epoch {epoch}" + (f" (min loss_g after skipping {nr_e_skipped})"
           if args.epoch == BEST_EPOCH else "") + f", {n_samples} pairs, thresh {args.thresh}, device {device}",
           flush=True)
@@ -261,16 +278,29 @@ def generate_samples(args):
             "started_from": run_args.get("init_from") if trial_config.get("init_sha256") else None,
             "label_rule": f"label = generator label output > {raw_threshold:g} (thresh {args.thresh} on the "
                           f"0/1 label scale)"}
-    save_npz(out, img=img, label=label)
-    save_json(out.with_suffix(".json"), info)
-    save_grid(out.with_suffix(".png"), img, label, f"{out.stem} ({epsilon_caption(info)})")
-    refusal = release.canary_refusal(args.trial, trial_config)
+    release.remove_staged_releases(set_name)  # what a stopped run left; this run owns the set
+    for leftover in out.parent.glob(f".{out.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    bundle = None
+    try:  # everything is written before anything is replaced: a full disk leaves the old set and bundle as they were
+        save_npz(staging / out.name, img=img, label=label)
+        save_json(staging / out.with_suffix(".json").name, info)
+        save_grid(staging / out.with_suffix(".png").name, img, label, f"{out.stem} ({epsilon_caption(info)})")
+        if not refusal:
+            statement = release.privacy_statement(trial_privacy, img, label, len(log), epoch, selection, pick)
+            bundle = release.stage_release(set_name, img, label, generator, model_args, statement, args.trial)
+        for suffix in (".json", ".png", ".npz"):  # the .npz, which marks a finished set, last
+            os.replace(staging / out.with_suffix(suffix).name, out.with_suffix(suffix))
+        bundle = bundle and release.commit_release(bundle, set_name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if bundle is not None and bundle.name.startswith("."):
+            shutil.rmtree(bundle, ignore_errors=True)
     if refusal:
         print(f"wrote {out} (+ .json, .png; internal); vessel fraction {label.mean():.4f}\n{refusal}", flush=True)
         return Path(out)
-    statement = release.privacy_statement(trial_privacy, img, label, len(log), epoch, selection, pick)
-    bundle = release.write_release(set_name, img, label, generator, model_args, statement, args.trial,
-                                   overwrite=args.overwrite)
     print(f"wrote {out} (+ .json, .png; internal) and the release bundle {bundle}; vessel fraction "
           f"{label.mean():.4f}", flush=True)
     return Path(out)
