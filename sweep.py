@@ -18,7 +18,16 @@ import argparse
 
 import config
 from utils.common import print_setup, script_main
-from utils.sweep import check_flags, default_executor, default_max_parallel, format_status, status_rows, submit
+from utils.locks import owned
+from utils.sweep import (
+    check_flags,
+    default_executor,
+    default_max_parallel,
+    format_status,
+    status_rows,
+    submit,
+    sweep_dir,
+)
 
 
 def parse_args(argv=None):
@@ -52,9 +61,10 @@ def main(argv=None):
     args, gan_flags = parse_args(argv)
     check_flags(args)
     if not args.status:
-        submitted = submit(args, gan_flags)
-        print(f"{len(submitted)} job(s) submitted" + (f": {', '.join(submitted)}" if submitted else
-                                                        " (everything is done or under way)"), flush=True)
+        with owned(sweep_dir(), "the sweep"):  # two submitting commands would submit the same jobs twice
+            submitted = submit(args, gan_flags)
+            print(f"{len(submitted)} job(s) submitted" + (f": {', '.join(submitted)}" if submitted else
+                                                            " (everything is done or under way)"), flush=True)
     rows = status_rows([(n, s) for n in args.noisem for s in args.seeds], args.thresh, args.epochs)
     print(format_status(rows), flush=True)
     return rows

@@ -120,3 +120,17 @@ def test_the_laptop_curve_preset_builds_on_the_demo_and_its_noise_meets_epsilon_
     assert curve["arch"] == "dcgan" and curve["patch"] == 64 and len(curve["seeds"]) == 2  # the demo's scale
     assert curve["first"] == "inf"
     assert all(0.85 * t < e <= t for e, t in zip(curve["eps"], (10, 5, 2), strict=True)), curve["eps"]
+
+
+def test_a_second_sweep_command_is_refused_while_one_submits(dirs, capsys, monkeypatch):
+    import socket
+
+    from utils.locks import lock_path
+
+    lock = lock_path(sweep_module.sweep_dir())
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    monkeypatch.setattr(sweep, "submit", lambda *a: pytest.fail("submitted beside a running sweep"))
+    with pytest.raises(SystemExit):
+        sweep.main(["--executor", "local", "--noisem", "1", "--seeds", "1", "--epochs", "1"])
+    assert "the sweep is in use by process" in capsys.readouterr().err

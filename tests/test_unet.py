@@ -341,3 +341,18 @@ def test_the_unet_starts_at_the_vessel_fraction_of_its_training_labels(monkeypat
     assert 0.005 < fraction < 0.2
     # From p = 0.5 on every pixel the soft Dice's first steps push all logits down together (utils/unet.py)
     assert mean_output == pytest.approx(fraction if start_at_prior else 0.5, rel=0.1)
+
+
+def test_unets_another_live_run_is_training_are_refused_before_anything_is_read(dirs, capsys):
+    import os
+    import socket
+
+    from utils.locks import lock_path
+
+    lock = lock_path(unet_dir("real"))
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(SystemExit):
+        run_unet.main(["--real"])
+    assert f"the U-Nets of real is in use by process {os.getppid()}" in capsys.readouterr().err
+    assert not unet_dir("real").exists()

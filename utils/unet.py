@@ -42,6 +42,7 @@ from model import UNet
 from utils.common import (
     PipelineError,
     atomic_write,
+    check_writable,
     file_sha256,
     load_json,
     load_npz,
@@ -56,6 +57,7 @@ from utils.common import (
     versions,
 )
 from utils.data import check_preparation, stripped_of
+from utils.locks import owned
 
 SMOOTH = 1.0
 STATS_CHUNK = 2048  # patches per chunk when scaling the training set (bounds the temporary memory)
@@ -251,9 +253,15 @@ def _write_history(path, rows):
 
 
 def run_unets(args):
-    """run_unet.py: train every U-Net of the grid that does not exist yet (or all, with --overwrite)."""
-    img, label, path, skull_stripped = training_set(args)
+    """run_unet.py: train every U-Net of the grid that does not exist yet (or all, with --overwrite); one run at a
+    time per training input (utils/locks.py)."""
     train_input = train_input_name(args)
+    with owned(unet_dir(train_input), f"the U-Nets of {train_input}"):
+        return train_unets(args, train_input)
+
+
+def train_unets(args, train_input):
+    img, label, path, skull_stripped = training_set(args)
     # U-Nets are trained to predict volumes read as config.SKULL_STRIP says: refused now, not after hours of training
     check_preparation(skull_stripped, f"training set {path}", "python extract_patches.py --split train --overwrite"
                       + ("" if args.real else ", then the GAN and its set"))
@@ -269,6 +277,7 @@ def run_unets(args):
             print(f"{folder / run_name(params)} exists; skipped (pass --overwrite to retrain)", flush=True)
     if not todo:
         return folder
+    check_writable(folder, "U-Nets")  # before hours of training, not after
     device = resolve_device(args.device)
     mean, sd = standardisation(img)
     if sd == 0:
