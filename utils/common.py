@@ -107,8 +107,8 @@ def check_writable(folder, what, need_bytes=0):
         reason = WRITE_FAILURES.get(err.errno, err.strerror or str(err))
         raise PipelineError(f"cannot write the {what} in {folder}: {reason}; nothing was computed") from None
     if free < need_bytes:
-        raise PipelineError(f"the {what} need about {need_bytes / 1e6:.0f} MB in {folder}, which has "
-                            f"{free / 1e6:.0f} MB free; free space and run again (nothing was computed)")
+        raise PipelineError(f"the {what} need about {need_bytes / 1e6:.3g} MB in {folder}, which has "
+                            f"{free / 1e6:.3g} MB free; free space and run again (nothing was computed)")
 
 
 def save_npz(path, **arrays):

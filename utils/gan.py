@@ -786,7 +786,7 @@ class GanTrial:
         recorded = stored.get("patches_sha256")
         if recorded and recorded != self.patches_sha256:
             different.append(f"the patches file {patches_path('train')} has changed since the trial started (sha256 "
-                             f"{self.patches_sha256[:12]}..., config.json records {recorded[:12]}...): training on "
+                             f"{self.patches_sha256[:12]}..., config.json records {recorded[:12]}...): training on it "
                              f"would mix two data sets in one model and one epsilon; restore that file or start a "
                              f"new --trial")
         if different:
