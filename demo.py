@@ -195,6 +195,8 @@ def main():
     control = common.load_json(audit_paths(MEMORISER)[0], "audit of the positive control")
     print(f"audit's positive control: a copy of the training patches scores MIA AUC {control['mia_auc']:.3f} (a "
           f"working attack finds it: >= 0.95), its control AUC {control['control_auc']:.3f}", flush=True)
+    print(f"each GAN row is one GAN seed ({config.GAN_SEED}) and one U-Net seed ({config.UNET_SEED}): their spread "
+          f"over GAN seeds, measured on the demo preset, is in docs/2026-12-03-recipe-study.md", flush=True)
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; outputs in {config.WORK_DIR}", flush=True)
 
 

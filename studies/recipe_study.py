@@ -59,7 +59,7 @@ RECIPES = {
     "p_noema": ("p_nd1 without generator EMA", ["--ema", "0"], 2, True, True),
     "p_cold": ("p_nd1 from random weights", [], 2, True, False),
 }
-COLUMNS = ("row", "seed", "change", "noise", "epsilon_valid", "updates", "critic_steps", "gan_seconds",
+COLUMNS = ("row", "seed", "thresh", "change", "noise", "epsilon_valid", "updates", "critic_steps", "gan_seconds",
            "noise_to_signal", "clipped_fraction", "vessel_fraction", "test_dsc_aug0", "test2_dsc_aug0",
            "test_dsc_aug1", "test2_dsc_aug1")
 
@@ -137,7 +137,7 @@ def study_row(name, seed, demo_work, augmentations, device):
 
 
 def table(root):
-    rows = [json.loads(p.read_text()) for p in sorted(root.glob("*/row.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(root.glob("*/row*.json"))]
     with open(root / "recipe_study.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -153,6 +153,7 @@ def main(argv=None):
     p.add_argument("--root", type=Path, default=ROOT / "recipe_study", help="folder of the rows' outputs")
     p.add_argument("--rows", nargs="*", default=[], choices=sorted(RECIPES), help="rows to run, in order")
     p.add_argument("--seed", type=int, default=config.GAN_SEED, help="GAN seed of the rows")
+    p.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic sets")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--demo_work", type=Path, default=ROOT / "demo_work", help="the demo's work folder")
     p.add_argument("--unet_aug", choices=("off", "on", "both"), default="both", help="U-Net augmentation")
@@ -160,14 +161,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     augmentations = {"off": (False,), "on": (True,), "both": (False, True)}[args.unet_aug]
+    default_thresh, config.THRESH = config.THRESH, args.thresh
     if not (args.demo_work / "public").is_dir():
         raise SystemExit(f"the demo's public GAN is not in {args.demo_work}: run `make demo` first")
     for name in args.rows:
         config.WORK_DIR = args.root / f"{name}_seed{args.seed}"
         start = time.time()
         row = study_row(name, args.seed, args.demo_work, augmentations, torch.device("cpu"))
-        row["seconds"] = round(time.time() - start)
-        (config.WORK_DIR / "row.json").write_text(json.dumps(row, indent=2) + "\n")
+        row["seconds"], row["thresh"] = round(time.time() - start), args.thresh
+        name = "row.json" if args.thresh == default_thresh else f"row_thresh{args.thresh:g}.json"
+        (config.WORK_DIR / name).write_text(json.dumps(row, indent=2) + "\n")
         print(json.dumps(row), flush=True)
     if args.table:
         table(args.root)
