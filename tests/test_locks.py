@@ -52,6 +52,24 @@ def test_a_live_process_on_another_host_keeps_its_lock_unless_it_is_this_requeue
         with owned(target, "GAN trial 't'"):
             pass
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # the same array task, requeued onto this node
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # the same array task in the same run: a live sibling
+    with pytest.raises(PipelineError, match="in use by process 1 on host node-17"):
+        with owned(target, "GAN trial 't'"):
+            pass
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same array task, requeued onto this node
     with owned(target, "GAN trial 't'") as mine:
-        assert mine["slurm_job"] == "4242_3"
+        assert mine["slurm_job"] == "4242_3" and mine["slurm_restarts"] == 1
+
+
+def test_a_stale_lock_taken_over_meanwhile_by_another_run_is_left_to_that_run(tmp_path):
+    """Two runs that read the same stale lock: the second must not remove the lock the first has just taken."""
+    from utils.locks import remove_if_still
+
+    lock = lock_path(tmp_path / "WGAN_t")
+    stale = {"pid": dead_pid(), "host": socket.gethostname(), "started": "earlier"}
+    newer = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}
+    lock.write_text(json.dumps(newer))  # the first run took it over after both had read `stale`
+    assert not remove_if_still(lock, stale)
+    assert json.loads(lock.read_text()) == newer and sorted(p.name for p in tmp_path.iterdir()) == [lock.name]
+    lock.write_text(json.dumps(stale))
+    assert remove_if_still(lock, stale) and not any(tmp_path.iterdir())

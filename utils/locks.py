@@ -6,12 +6,15 @@ not exist before its run has checked it) while its block runs. The file is creat
 runs started together exactly one gets it, and records the owner's pid, host, start time and command. A second run
 is refused with a message naming the owner. A lock is stale, and taken over, when its host is this one and its pid
 is gone, or when it belongs to an earlier run of this very SLURM job (a requeued job starts on any node, after its
-first run ended). A lock of a live process on another host can only be removed by hand; the message says which file.
+first run ended; SLURM counts its restarts, so a live sibling task of the same run is not taken for an earlier run).
+A lock of a live process on another host can only be removed by hand; the message says which file. A stale lock is
+moved aside atomically before it is removed, so of two runs taking over one stale lock only one succeeds.
 """
 
 import datetime
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -35,8 +38,14 @@ def slurm_job():
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
+def slurm_restarts():
+    """How often SLURM has restarted (requeued) this job: 0 for its first run and outside SLURM."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
 def this_owner():
     return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job(),
+            "slurm_restarts": slurm_restarts(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
 
 
@@ -53,7 +62,8 @@ def process_alive(pid):
 def stale_reason(owner):
     """Why the lock of `owner` (a dict read from a lock file) no longer holds, or None while its owner may run."""
     here, pid = socket.gethostname(), owner.get("pid")
-    if owner.get("slurm_job") and owner["slurm_job"] == slurm_job() and owner.get("host") != here:
+    if (owner.get("slurm_job") and owner["slurm_job"] == slurm_job()
+            and int(owner.get("slurm_restarts") or 0) < slurm_restarts()):
         return f"its SLURM job {owner['slurm_job']} was requeued (this is its new run)"
     if owner.get("host") != here:
         return None
@@ -86,6 +96,25 @@ def try_create(path, owner):
     return True
 
 
+def remove_if_still(path, owner):
+    """Remove the lock file `path` if it still records `owner`; True if it did. The file is first renamed aside, which
+    only one of several runs can do: had another run meanwhile taken the lock over, its lock is put back."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    if read_owner(aside) != owner:
+        try:
+            os.link(aside, path)  # a newer run's lock, back in place (unless a third run holds the name by now)
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
+
+
 def describe(owner):
     return (f"process {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
             + (f" ({owner['command']})" if owner.get("command") else ""))
@@ -112,8 +141,7 @@ def acquire(path, what):
             raise PipelineError(f"{what} is in use by {describe(owner)} (lock {path}); wait until it ends, or choose "
                                 f"another name. If that process is gone (its node failed), delete {path}. Nothing "
                                 f"was written")
-        if read_owner(path) == owner:  # still the stale one, not a lock another run has just taken over
-            path.unlink(missing_ok=True)
+        if remove_if_still(path, owner):
             print(f"{what}: taking over the lock {path} of {describe(owner) if owner else 'an unknown run'}: "
                   f"{reason}", flush=True)
     raise PipelineError(f"{what}: could not take the lock {path}; other runs keep taking it (nothing was written)")
