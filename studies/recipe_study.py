@@ -54,6 +54,7 @@ RECIPES = {
     "p_nd5": ("n_D 5, batch 32, 1 epoch", ["--n_discr", "5"], 1, True, True),
     "p_nd5_2ep": ("n_D 5, batch 32, 2 epochs", ["--n_discr", "5"], 2, True, True),
     "p_b128": ("n_D 1, batch 128, 2 epochs", ["--batch_size", "128"], 2, True, True),
+    "p_b128_nd5": ("n_D 5, batch 128, 2 epochs", ["--batch_size", "128", "--n_discr", "5"], 2, True, True),
     "p_b128_8ep": ("n_D 1, batch 128, 8 epochs", ["--batch_size", "128"], 8, True, True),
     "p_b512": ("n_D 1, batch 512, 8 epochs", ["--batch_size", "512"], 8, True, True),
     "p_noema": ("p_nd1 without generator EMA", ["--ema", "0"], 2, True, True),

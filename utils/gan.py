@@ -22,7 +22,6 @@ import copy
 import csv
 import functools
 import math
-import os
 import random
 import re
 import secrets
@@ -723,7 +722,7 @@ class GanTrial:
         with or without --resume, so that a requeued job runs); with --resume the epoch after the newest complete
         one. An epoch is complete once its checkpoint is written: end_epoch writes it last, after the epoch's log
         row and samples. Repairs what a stopped run left: its temporary files are removed, and the checkpoint of an
-        epoch without a log row (versions that wrote the checkpoint first) is set aside and the epoch trained again.
+        epoch without a log row (versions that wrote the checkpoint first) is removed and the epoch trained again.
         Refuses to start over a trial with a complete epoch."""
         trial, folders = self.args.trial, (self.model_dir, self.results_dir)
         if not any(folder.exists() for folder in folders):
@@ -748,7 +747,7 @@ class GanTrial:
                 print(f"trial {trial!r}: removed {', '.join(removed)} from {folder}: partly written when a run was "
                       f"stopped", flush=True)
         for epoch in unlogged:
-            self._set_aside_unlogged(epoch, epochs[-1] if epochs else None)
+            self._remove_unlogged(epoch, epochs[-1] if epochs else None)
         if not epochs:
             print(f"trial {trial!r} has no complete epoch (its run stopped in epoch 0): it starts again from epoch 0",
                   flush=True)
@@ -759,14 +758,17 @@ class GanTrial:
                   flush=True)
         return epochs[-1] + 1
 
-    def _set_aside_unlogged(self, epoch, previous):
+    def _remove_unlogged(self, epoch, previous):
+        """Remove the checkpoint of a half-done epoch. Not kept: its epoch is trained again with the restored RNG
+        states, so the same batches and noise draws; two models of one noise draw, computed even slightly
+        differently (another engine, --amp, device), would release a noise-free difference the accountant does not
+        count."""
         path = checkpoint_path(self.args.trial, epoch)
-        kept = path.with_name(path.name + ".unlogged")
-        os.replace(path, kept)
+        path.unlink()
         since = f"from the checkpoint of epoch {previous}" if previous is not None else "from the start"
         print(f"trial {self.args.trial!r}: epoch {epoch} was left half-done (its checkpoint has no row in log.csv: the "
-              f"run was stopped between them); the checkpoint is set aside as {kept} and epoch {epoch} is trained "
-              f"again {since}", flush=True)
+              f"run was stopped between them); its checkpoint {path} is removed and epoch {epoch} is trained again "
+              f"{since}", flush=True)
 
     def _check_resumed_settings(self):
         """--resume: the trial must have been run with these flags, on this patches file."""
