@@ -206,10 +206,11 @@ def test_a_set_chosen_among_runs_carries_their_composed_epsilon_beside_its_own(d
     import config
 
     for trial, noisem in (("s12", 1.0), ("s13", 1.0), ("s14", 1.5)):
-        hand_made_trial(trial, noisem=noisem, epochs=3 if trial != "s14" else 4)  # s14 trained one epoch more
-    statement, readme = bundle_of("s13", "--chosen_from", "s12", "s13", "s14")
+        hand_made_trial(trial, noisem=noisem, epochs=3 if trial == "s12" else 4)  # s13, s14 trained one epoch more
+    statement, readme = bundle_of("s13", "--chosen_from", "s12", "s13", "s14")  # s13's epoch 2 released
     by_hand = RDPAccountant()
-    by_hand.history = [(1.0, 0.02, 150), (1.0, 0.02, 150), (1.5, 0.02, 200)]  # s13 at epoch 2, the others' last
+    # every run at its last checkpoint, s13 too: it may have been picked for its epoch 3
+    by_hand.history = [(1.0, 0.02, 200), (1.0, 0.02, 150), (1.5, 0.02, 200)]
     composed = by_hand.get_epsilon(delta=1 / 400, alphas=config.DP_ORDERS)
     single = privacy.epsilon_from_history([(1.0, 0.02, 150)], 1 / 400)
     assert statement["epsilon"] == pytest.approx(composed, rel=1e-9) and composed > 1.4 * single

@@ -109,27 +109,25 @@ def runs_privacy(runs):
         epsilon = privacy.epsilon_from_history(history, delta)
         epsilon_prv = privacy.epsilon_from_history(history, delta, "prv")
     return {"epsilon_valid": epsilon, "epsilon_valid_prv": epsilon_prv, "delta": delta,
-            "runs": [{"trial": r["trial"], "epoch": r["epoch"], "epsilon_valid": json_number(float(r["epsilon_valid"]))}
-                     for r in runs],
+            "runs": [{"trial": r["trial"], "epoch": r["epoch"], "epsilon_valid": json_number(float(r["epsilon_valid"])),
+                      "patches_per_patient_max": r.get("patches_per_patient_max")} for r in runs],
             "composition": COMPOSITION}
 
 
 def chosen_from_privacy(trial_privacy_, chosen_from):
     """The guarantee of a run picked among the trials `chosen_from` (generate_samples.py --chosen_from; the picked
-    run is added if missing): the picked run at its own epoch, every other at its last checkpoint (the most any
-    look at its results can have seen)."""
+    run is added if missing): every run, the picked one included, at its last checkpoint (the most any look at its
+    results can have seen: a run may have been picked for a later epoch than the one released)."""
     from utils.synthesis import available_epochs, read_trial_config
 
-    runs, seen = [trial_privacy_], {trial_privacy_["trial"]}
-    for other in chosen_from:
-        if other in seen:
-            continue
-        seen.add(other)
-        epochs = available_epochs(other)
+    runs = []
+    for trial in dict.fromkeys([trial_privacy_["trial"], *chosen_from]):
+        epochs = available_epochs(trial)
         if not epochs:
-            raise PipelineError(f"--chosen_from {other}: the trial has no checkpoint, whose accountant its epsilon "
+            raise PipelineError(f"--chosen_from {trial}: the trial has no checkpoint, whose accountant its epsilon "
                                 f"comes from")
-        runs.append(trial_privacy(other, read_trial_config(other), epochs[-1]))
+        runs.append(trial_privacy_ if epochs[-1] == trial_privacy_["epoch"] and trial == trial_privacy_["trial"]
+                    else trial_privacy(trial, read_trial_config(trial), epochs[-1]))
     return runs_privacy(runs)
 
 
@@ -162,8 +160,9 @@ def privacy_statement(trial_privacy_, img, label, epochs_trained, epoch_released
     guarantee = pick or p
     private = not math.isinf(guarantee["epsilon_valid"])
     patient_level = p["privacy_unit"] == "patient"
-    group = privacy.group_privacy(guarantee["epsilon_valid"], guarantee["delta"],
-                                  1 if patient_level else p["patches_per_patient_max"])
+    most_patches = max([p["patches_per_patient_max"], *(r.get("patches_per_patient_max", 0) for r in
+                                                         (pick or {}).get("runs", []))])
+    group = privacy.group_privacy(guarantee["epsilon_valid"], guarantee["delta"], 1 if patient_level else most_patches)
     statement = {
         "privacy_unit": p["privacy_unit"],
         "epsilon": json_number(guarantee["epsilon_valid"]),
