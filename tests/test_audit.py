@@ -186,6 +186,16 @@ def workspace(dirs, groups):
     return synthetic
 
 
+def test_training_patches_prepared_otherwise_than_the_held_out_ones_are_refused(workspace, groups, capsys):
+    """Members cut from raw scans and non-members from stripped ones would differ by preparation, not membership."""
+    save_npz(patches_path("train"), **groups[0])  # records nothing: cut from raw scans
+    with pytest.raises(SystemExit):
+        audit_privacy.main(["--synthetic", str(workspace), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"training patches {patches_path('train')} was made from raw (not skull-stripped) volumes" in err
+    assert not audit.audit_paths("copy")[0].exists()
+
+
 def test_audit_privacy_writes_the_json_and_the_roc_figure(workspace):
     result = audit_privacy.main(["--synthetic", str(workspace), "--device", "cpu"])
     json_path, roc_path = audit.audit_paths("copy")

@@ -407,6 +407,8 @@ def audit_synthetic_set(args):
         synthetic_name,
         synthetic_path,
     )
+    from utils.data import check_preparation, stripped_of
+    from utils.patches import recorded_preparation
 
     if (args.synthetic is None) == (args.trial is None):
         raise PipelineError("give either --trial (with --epoch and --thresh) or --synthetic PATH, not both or neither")
@@ -424,10 +426,19 @@ def audit_synthetic_set(args):
         refuse_existing(roc_path)
     digest = file_sha256(path) if path.is_file() else None  # before reading: compare_results.py checks the set
     synthetic = load_pairs(path, "synthetic set")            # against it (a set regenerated since is not this one)
-    members = load_pairs(patches_path("train"), "training patches", need_patients=True)
+    # members and non-members must be prepared alike (held_out_patches checks its own files): patches that differ
+    # by skull stripping would read as membership, or hide it
+    train_path = patches_path("train")
+    if train_path.is_file():
+        check_preparation(recorded_preparation(train_path), f"training patches {train_path}",
+                          "python extract_patches.py --split train --overwrite")
+    members = load_pairs(train_path, "training patches", need_patients=True)
     held_out = held_out_patches()
     info_path = path.with_suffix(".json")
     info = load_json(info_path, "synthetic set information") if info_path.is_file() else {}
+    if info:
+        check_preparation(stripped_of(info), f"synthetic set {path} (its GAN's training patches)",
+                          "train its GAN again on patches extracted as the volumes are now read")
     device = resolve_device(args.device)
     scorer = critic_scorer(info.get("trial"), info.get("epoch"), device) if info.get("trial") else None
     print(f"auditing {path}: {len(synthetic['img'])} synthetic pairs, {len(members['img'])} training patches, "
