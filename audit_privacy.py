@@ -1,4 +1,5 @@
-"""Step 6: empirical privacy audit of a synthetic set by membership inference (SPEC "Auditing").
+"""Step 6: empirical privacy audit of a synthetic set by membership inference
+(README "Does it leak? The membership-inference audit").
 
     python audit_privacy.py --trial GAN1 --epoch 49 --thresh 0.8     # a set of generate_samples.py
     python audit_privacy.py --synthetic other_sets/pairs.npz          # any npz with `img` and `label`

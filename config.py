@@ -14,7 +14,7 @@ PRESET = os.environ.get("DPGAN_PRESET", "").strip() or "paper"
 DATA_DIR = Path(os.environ.get("DPGAN_DATA_DIR", "data"))
 WORK_DIR = Path(os.environ.get("DPGAN_WORK_DIR", "work"))
 
-# ---- Data (SPEC "Data"): DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz ----
+# ---- Data (README "Data layout"): DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz ----
 SPLITS = ("train", "val", "test", "test2")
 N_PATIENTS = {"train": 41, "val": 11, "test": 14, "test2": 65}
 PATIENT_IDS = None  # None: "<split>_<index>", the phantoms' ids; give a dict of lists for real scans
@@ -70,7 +70,7 @@ NOISE_MULTIPLIER = 1.0
 NOISE_MULTIPLIERS = (math.inf, 2, 1.5, 1.2, 1, 0.8, 0.725, 0.65)  # the paper's grid
 GAN_SEEDS = (12, 13, 14, 15, 16)  # 5 GANs per noise multiplier
 GAN_SEED = 12
-DP_MODE = "strict"  # "strict": valid accounting; "paper": the authors' loop (see SPEC)
+DP_MODE = "strict"  # "strict": valid accounting; "paper": the authors' loop (README "Strict vs paper accounting")
 DELTA = None  # None: 1 / number of training patches
 DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # RDP orders (Opacus/paper)
 # Per-sample clipping engine: "bk" (utils/bookkeeping.py; the fastest on the 2-core CPU: README "Tests and

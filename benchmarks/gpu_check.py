@@ -4,7 +4,7 @@ to end on phantoms of the paper's volume shape, each part timed and reported on 
 table on stdout.
 
     python benchmarks/gpu_check.py --out gpu_check.json                       # on one GPU: within 8 minutes
-    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/x.json     # the same at tiny scale, seconds
+    python benchmarks/gpu_check.py --device cpu --quick --out gpu_check_quick.json     # the same at tiny scale, seconds
     python benchmarks/gpu_check.py --parts equivalence critic_steps --out x.json
 A part that fails is reported with its error and the others still run; the exit status is 1 if any failed.
 """
