@@ -1,37 +1,15 @@
-"""Step 5 (SPEC "Evaluation", paper section 3.4): whole-volume U-Net segmentation, model selection on `val`,
-DSC and bAHD on `test` and `test2`, and the image quality of a synthetic training set (FID, SSIM, t-SNE).
+"""Step 5 (docs/method.md, "Evaluation"; paper section 3.4): choice of the U-Net on `val`, its DSC and bAHD on
+`test` and `test2`, the error map and the result files of eval_unet.py.
 
-Choices, where the SPEC leaves room:
-- Tiling: in every axial slice with brain, tiles of 96 x 96 step by 96 from the brain's bounding box's first
-  voxel; a tile that would cross the volume's edge is shifted back to end there (so only such a last tile
-  overlaps its neighbour). A box narrower than 96 gets one tile starting at the box, clamped to the volume.
-  Overlaps: every voxel takes its probability from the FIRST tile (in x, then y) that covers it, so each voxel
-  of a tiled slice is written exactly once (no averaging: the authors' stitching gave each voxel one tile's
-  output too). Tiles are predicted whole, so voxels of a tile outside the brain box get probabilities as well;
-  voxels outside every tile (and slices without brain) are 0.
-- Binarisation: probability > config.PREDICTION_THRESHOLD.
-- Mean (SD) over patients: population SD (ddof 0). bAHD is undefined (inf) for a patient whose prediction or
-  ground truth is empty; such patients are left out of the bAHD mean and SD and counted and named as
-  "undefined" next to it, never averaged silently. DSC is averaged over every patient.
-- Image quality: real patches are min-max scaled per patch to [0, 255], the synthetic images' scale, before FID
-  and SSIM. FID uses config.FID_N_IMAGES images per set (None: all), SSIM config.N_SSIM_IMAGES generated and
-  as many real training images, t-SNE config.N_TSNE_IMAGES per group; every subset is a seeded random choice
-  (config.EVAL_SEED). The t-SNE shows the real training patches, the evaluated synthetic set and, if present,
-  one other synthetic set of each kind (non-private: epsilon inf; private: finite epsilon) that the evaluated
-  set is not, the first by file name, like the paper's real / non-private / private figure.
-- Cached predictions: a probability map that exists is reused (and rescored) unless --overwrite; one older
-  than its U-Net's model.pt is an error (retrained U-Net: pass --overwrite). The per-patient CSVs are a pure
-  function of the predictions and labels and are rewritten with them.
+The volumes are segmented and scored by utils/inference.py; the image quality of a synthetic training set (FID,
+SSIM, t-SNE) is utils/image_quality.py's. What the U-Nets were trained on is read from their own records: the
+training file whose SHA-256 their meta.json holds, never config.py as it is now.
 """
 
-import csv
 import datetime
-import gzip
-import math
-from collections import namedtuple
+import zipfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
@@ -42,8 +20,6 @@ from utils.common import (
     atomic_write,
     file_sha256,
     load_json,
-    load_npz,
-    minmax_scale,
     patches_path,
     refuse_existing,
     resolve_device,
@@ -55,192 +31,23 @@ from utils.common import (
     unet_dir,
 )
 from utils.data import load_patient, patient_ids, preparation_name, validate_split
-from utils.patches import ensure_patches, gather_patches
-from utils.unet import (
-    check_trained_on,
-    check_unet_preparation,
-    grid,
-    is_collapsed,
-    load_unet,
-    predict_patches,
-    run_name,
+from utils.image_quality import image_quality, read_set_info, synthetic_images, tsne_groups, tsne_path
+from utils.inference import (
+    check_in_plane,
+    evaluate_model_on_split,
+    load_probability_map,
+    patient_csv_path,
+    prediction_path,
+    summarise,
 )
+from utils.unet import check_trained_on, check_unet_preparation, grid, run_name
 
-Tile = namedtuple("Tile", "x0 y0 own_x own_y")
-Tile.__doc__ = """A 96 x 96 tile img[x0:x0+96, y0:y0+96, z] and the voxels it owns: img[own_x, own_y, z]."""
-
-SCALE_CHUNK = 2048  # patches per chunk when min-max scaling real patches (bounds the temporary memory)
 SELECTION_SPLIT = "val"
 TEST_SPLITS = ("test", "test2")
-# purposes of the seeded random subsets, so that each draw is independent of the others' sizes
-FID_DRAW, SSIM_DRAW, TSNE_DRAW = 0, 1, 2
-
-
-# ---- output paths of this step ----
-def prediction_path(train_input, unet_name, split, patient):
-    return config.WORK_DIR / "predictions" / train_input / unet_name / split / f"{patient}_prob.nii.gz"
-
-
-def patient_csv_path(train_input, unet_name, split):
-    return config.WORK_DIR / "results" / train_input / f"{unet_name}_{split}.csv"
-
-
-def tsne_path(train_input):
-    return config.WORK_DIR / "results" / f"{train_input}_tsne.png"
 
 
 def errormap_path(train_input):
     return config.WORK_DIR / "results" / f"{train_input}_errormap.png"
-
-
-# ---- whole-volume prediction ----
-def axis_tiles(lo, hi, size, patch):
-    """Tiles along one axis of length `size` covering the box [lo, hi): [(start, own_start, own_stop)].
-
-    Starts step by `patch` from lo; one that would cross the axis' end is shifted back to end there. A position
-    is owned by the first tile covering it: the owned ranges are disjoint, and their union (that of the
-    tiles) contains [lo, hi)."""
-    tiles = []
-    for start in range(lo, hi, patch):
-        start = min(start, size - patch)
-        own_start = tiles[-1][0] + patch if tiles else start
-        tiles.append((start, own_start, start + patch))
-    return tiles
-
-
-def check_in_plane(shape, what, patch=None):
-    patch = config.PATCH_SIZE if patch is None else patch
-    if shape[0] < patch or shape[1] < patch:
-        raise PipelineError(f"{what} has shape {tuple(shape)}: smaller than a {patch} x {patch} tile in x or y, "
-                            f"so it cannot be segmented tile by tile")
-
-
-def brain_box_tiles(mask_slice, patch=None):
-    """The tiles (list of Tile) of one axial slice: its brain's bounding box tiled as the module docstring says.
-
-    An empty slice has none. A slice smaller than patch x patch is a PipelineError."""
-    patch = config.PATCH_SIZE if patch is None else patch
-    check_in_plane(mask_slice.shape, "an axial slice", patch)
-    xs = np.flatnonzero(np.any(mask_slice, axis=1))
-    ys = np.flatnonzero(np.any(mask_slice, axis=0))
-    if xs.size == 0:
-        return []
-    x_tiles = axis_tiles(int(xs[0]), int(xs[-1]) + 1, mask_slice.shape[0], patch)
-    y_tiles = axis_tiles(int(ys[0]), int(ys[-1]) + 1, mask_slice.shape[1], patch)
-    return [Tile(x0, y0, slice(ox0, ox1), slice(oy0, oy1)) for x0, ox0, ox1 in x_tiles for y0, oy0, oy1 in y_tiles]
-
-
-def predict_volume(model, meta, img, mask, device=None, batch_size=None):
-    """Vessel probability map (float32, img's shape) of one volume.
-
-    The tiles of every slice with brain are gathered and predicted together, batch_size
-    tiles per forward pass (default: see utils.unet.predict_patches), each prepared by prepare_input."""
-    if img.shape != mask.shape:
-        raise PipelineError(f"image of shape {img.shape} and brain mask of shape {mask.shape} differ")
-    check_in_plane(img.shape, "the volume")
-    half = config.PATCH_SIZE // 2
-    plan = [(z, tile) for z in np.flatnonzero(np.any(mask, axis=(0, 1)))
-            for tile in brain_box_tiles(mask[:, :, z])]
-    prob = np.zeros(img.shape, np.float32)
-    if not plan:
-        return prob
-    centres = np.array([(tile.x0 + half, tile.y0 + half, z) for z, tile in plan])
-    tiles_prob = predict_patches(model, gather_patches(img, centres), meta, device, batch_size)
-    for (z, tile), tile_prob in zip(plan, tiles_prob):
-        own = (slice(tile.own_x.start - tile.x0, tile.own_x.stop - tile.x0),
-               slice(tile.own_y.start - tile.y0, tile.own_y.stop - tile.y0))
-        prob[tile.own_x, tile.own_y, z] = tile_prob[own]
-    return prob
-
-
-def save_probability_map(path, prob, affine):
-    image = nib.Nifti1Image(prob.astype(np.float32, copy=False), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    # compressed in memory (nibabel's own level 1), then written atomically under the final name
-    data = gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def load_probability_map(path, shape):
-    try:
-        prob = nib.load(path).get_fdata(dtype=np.float32)
-    except Exception as err:  # nibabel raises many types for a damaged file
-        raise PipelineError(f"prediction {path} cannot be read ({err}); pass --overwrite to predict again") from None
-    if prob.shape != tuple(shape):
-        raise PipelineError(f"prediction {path} has shape {prob.shape}, but the volume has {tuple(shape)}; pass "
-                            f"--overwrite to predict again")
-    return prob
-
-
-# ---- scores ----
-def score(prob, label, spacing, mask=None):
-    """DSC and bAHD (mm) of the thresholded probability map against the label, and the voxel counts. With the
-    brain mask also dsc_brain, the DSC of the prediction inside the mask (a diagnostic, not the paper's metric:
-    it separates what a U-Net finds in the brain from false vessels on the skull and scalp)."""
-    pred = prob > config.PREDICTION_THRESHOLD
-    truth = label.astype(bool)
-    brain = {} if mask is None else {"dsc_brain": float(metrics.dice(pred & mask.astype(bool), truth))}
-    return {"dsc": float(metrics.dice(pred, truth)), **brain,
-            "bahd": float(metrics.balanced_average_hausdorff(pred, truth, spacing)),
-            "n_truth": int(truth.sum()), "n_pred": int(pred.sum())}
-
-
-def summarise(rows):
-    """Mean and SD over patients of DSC and (where defined) bAHD; undefined bAHDs counted and named; collapsed:
-    (almost) no voxel predicted as vessel over all patients (utils.unet.is_collapsed)."""
-    dsc = np.array([r["dsc"] for r in rows], np.float64)
-    brain = np.array([r.get("dsc_brain", np.nan) for r in rows], np.float64)
-    defined = [r["bahd"] for r in rows if math.isfinite(r["bahd"])]
-    return {"n_patients": len(rows), "dsc_mean": float(dsc.mean()), "dsc_sd": float(dsc.std()),
-            "dsc_brain_mean": float(brain.mean()), "dsc_brain_sd": float(brain.std()),
-            "collapsed": is_collapsed(sum(r["n_pred"] for r in rows), sum(r["n_truth"] for r in rows)),
-            "bahd_mean": float(np.mean(defined)) if defined else None,
-            "bahd_sd": float(np.std(defined)) if defined else None,
-            "bahd_undefined": len(rows) - len(defined),
-            "bahd_undefined_patients": [r["patient"] for r in rows if not math.isfinite(r["bahd"])]}
-
-
-def write_patient_csv(path, rows):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["patient", "dsc", "dsc_brain", "bahd", "n_truth", "n_pred"],
-                                    restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "bahd": row["bahd"] if math.isfinite(row["bahd"]) else "inf"})
-
-    atomic_write(path, write)
-
-
-def evaluate_model_on_split(run_dir, split, device=None, overwrite=False, batch_size=None, train_input=None):
-    """Predict (or reuse the cached prediction of) every patient of `split` with the U-Net in run_dir, score it,
-    write the per-patient CSV and return its rows (dicts patient, dsc, bahd, n_truth, n_pred).
-
-    train_input defaults to run_dir's parent folder name (run_dir = unet_dir(train_input) / run name)."""
-    run_dir = Path(run_dir)
-    train_input = train_input or run_dir.parent.name
-    check_unet_preparation(run_dir, "run_unet.py with --overwrite")
-    model_file = run_dir / "model.pt"
-    unet = None
-    rows = []
-    for patient in tqdm(patient_ids(split), desc=f"{run_dir.name} {split}", unit="patient", leave=False):
-        volume = load_patient(split, patient)
-        path = prediction_path(train_input, run_dir.name, split, patient)
-        if path.exists() and not overwrite:
-            if model_file.is_file() and path.stat().st_mtime < model_file.stat().st_mtime:
-                raise PipelineError(f"prediction {path} is older than the U-Net {model_file} (retrained?); pass "
-                                    f"--overwrite to predict again")
-            prob = load_probability_map(path, volume.img.shape)
-        else:
-            if unet is None:
-                unet = load_unet(run_dir, device)
-            prob = predict_volume(*unet, volume.img, volume.mask, device, batch_size)
-            save_probability_map(path, prob, volume.affine)
-        rows.append({"patient": patient, **score(prob, volume.label, volume.spacing, volume.mask)})
-    write_patient_csv(patient_csv_path(train_input, run_dir.name, split), rows)
-    return rows
 
 
 # ---- model selection ----
@@ -253,6 +60,31 @@ def unet_runs(train_input, train_command):
         raise PipelineError(f"{len(missing)} of the {len(runs)} U-Nets of {train_input} are missing in {folder}: "
                             f"{', '.join(missing)}; train them with `{train_command}`")
     return runs
+
+
+def training_patch_size(data_path):
+    """The side P of a training file's patches (images N x P x P, or N x P x P x 1 in a synthetic set), read from
+    the npy header of its `img` without loading the array."""
+    try:
+        with zipfile.ZipFile(data_path) as archive, archive.open("img.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(f)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise PipelineError(f"training file {data_path} cannot be read (for the size of its patches): {err}") from None
+    return int(shape[1])
+
+
+def check_patch_size(train_input, data_path):
+    """The volumes are tiled in config.PATCH_SIZE tiles: that must be the size the U-Nets were trained on, which
+    their training file records (config.py may have changed since)."""
+    size = training_patch_size(data_path)
+    if size != config.PATCH_SIZE:
+        raise PipelineError(f"the U-Nets of {train_input} were trained on {size} x {size} patches ({data_path}), "
+                            f"but config.PATCH_SIZE is {config.PATCH_SIZE}: they would segment the volumes in tiles "
+                            f"of another size; evaluate them with config.PATCH_SIZE = {size}, the size they were "
+                            f"trained with (nothing was written)")
 
 
 def select_and_test(train_input, train_command, device=None, overwrite=False):
@@ -271,104 +103,6 @@ def select_and_test(train_input, train_command, device=None, overwrite=False):
     for split in tqdm(TEST_SPLITS, desc=f"best U-Net {best.name}", unit="split"):
         out[split] = summarise(evaluate_model_on_split(best, split, device, overwrite, train_input=train_input))
     return out
-
-
-# ---- image quality ----
-def choose(n_total, n, draw):
-    """Sorted indices of a seeded random subset of n (None or >= n_total: all) of n_total items."""
-    if n is None or n >= n_total:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng([config.EVAL_SEED, draw]).choice(n_total, size=n, replace=False))
-
-
-def real_images(split, n=None, draw=FID_DRAW):
-    """Real patches of a split (a seeded subset of n, or all), min-max scaled per patch to [0, 255]."""
-    raw = load_npz(patches_path(split), ("img",), f"{split} patches")["img"]
-    index = choose(len(raw), n, draw)
-    out = np.empty((len(index), *raw.shape[1:]), np.float32)
-    for start in range(0, len(index), SCALE_CHUNK):
-        out[start:start + SCALE_CHUNK] = minmax_scale(raw[index[start:start + SCALE_CHUNK]], 0, 255)
-    return out
-
-
-def ensure_test_patches():
-    """The test patches FID compares with; extracted like `extract_patches.py --split test` if missing."""
-    return ensure_patches("test")
-
-
-def synthetic_images(path):
-    """The image array (N x 96 x 96, [0, 255]) of a synthetic set."""
-    img = load_npz(path, ("img",), "synthetic set")["img"]
-    return img[..., 0] if img.ndim == 4 else img
-
-
-def fid_scores(generated, device, weights_path):
-    """FID of the generated images to the real train and test patches, or why it was not computed."""
-    ok, reason = metrics.fid_status(weights_path)
-    if not ok:  # the reason may already start with "FID: not computed: "; say it once
-        return {"fid": f"not computed: {reason.removeprefix('FID: ').removeprefix('not computed: ')}"}
-    model = metrics.inception_model(device, weights_path)
-
-    def features(images):
-        return metrics.inception_features(images, model, device, config.FID_BATCH)
-
-    gen_features = features(generated[choose(len(generated), config.FID_N_IMAGES, FID_DRAW)])
-    ensure_test_patches()
-    fid_train = float(metrics.frechet_distance(gen_features, features(real_images("train", config.FID_N_IMAGES))))
-    fid_test = float(metrics.frechet_distance(gen_features, features(real_images("test", config.FID_N_IMAGES))))
-    return {"fid_train": fid_train, "fid_test": fid_test, "fid_difference": fid_train - fid_test}
-
-
-def image_quality(generated, device, weights_path):
-    """FID (train, test, train - test) and mean pairwise SSIM of generated and real training images.
-    generated None (training on real data): the generated-image metrics are not applicable."""
-    n_ssim = config.N_SSIM_IMAGES
-    ssim_real = float(metrics.mean_pairwise_ssim(real_images("train", n_ssim, SSIM_DRAW)))
-    if generated is None:
-        na = "not applicable (real training data)"
-        return {"fid": na, "ssim_generated": na, "ssim_real": ssim_real}
-    ssim_gen = float(metrics.mean_pairwise_ssim(generated[choose(len(generated), n_ssim, SSIM_DRAW)]))
-    return {**fid_scores(generated, device, weights_path), "ssim_generated": ssim_gen, "ssim_real": ssim_real}
-
-
-def read_set_info(npz_path):
-    """The JSON written beside a synthetic set (its epsilon etc.); a clear error if missing or unreadable."""
-    return load_json(Path(npz_path).with_suffix(".json"), f"the information file of synthetic set {npz_path}",
-                     " (written by generate_samples.py)")
-
-
-def epsilon_of(info):
-    """The valid epsilon of a synthetic set's info as a float (inf for a non-private GAN), None if it has none."""
-    try:
-        return float(info.get("epsilon_valid"))
-    except (TypeError, ValueError):
-        return None
-
-
-def tsne_groups(evaluated_path, generated):
-    """{group name: images}: real training patches, the evaluated set and one other set of each missing kind."""
-    n = config.N_TSNE_IMAGES
-    epsilon = epsilon_of(read_set_info(evaluated_path))
-    kinds_shown = set() if epsilon is None else {math.isinf(epsilon)}
-    groups = {"real (train; internal, do not share)": real_images("train", n, TSNE_DRAW),
-              f"{_kind(epsilon)} {evaluated_path.stem.removeprefix('gen_patches_')} (evaluated)":
-                  generated[choose(len(generated), n, TSNE_DRAW)]}
-    for path in sorted((config.WORK_DIR / "synthetic").glob("gen_patches_*.npz")):
-        if path == evaluated_path or not path.with_suffix(".json").is_file():
-            continue
-        other = epsilon_of(read_set_info(path))
-        if other is None or math.isinf(other) in kinds_shown:
-            continue
-        kinds_shown.add(math.isinf(other))
-        images = synthetic_images(path)
-        groups[f"{_kind(other)} {path.stem.removeprefix('gen_patches_')}"] = images[choose(len(images), n, TSNE_DRAW)]
-    return groups
-
-
-def _kind(epsilon):
-    if epsilon is None:
-        return "synthetic"
-    return "non-private (eps inf)" if math.isinf(epsilon) else f"private (valid eps {epsilon:.3g})"
 
 
 # ---- error map ----
@@ -526,6 +260,7 @@ def evaluate_training_input(args):
     for run in unet_runs(train_input, train_command):
         check_trained_on(run, data_path, digest, f"{train_command} --overwrite")
         check_unet_preparation(run, f"{train_command} --overwrite")
+    check_patch_size(train_input, data_path)
     for split in (SELECTION_SPLIT, *TEST_SPLITS):
         for header in validate_split(split):
             check_in_plane(header.shape, f"{split} patient {header.patient}'s volume")
