@@ -2,8 +2,8 @@
 `test` and `test2`, the error map and the result files of eval_unet.py.
 
 The volumes are segmented and scored by utils/inference.py; the image quality of a synthetic training set (FID,
-SSIM, t-SNE) is utils/image_quality.py's. What the U-Nets were trained on is read from their own records: the
-training file whose SHA-256 their meta.json holds, never config.py as it is now.
+SSIM, t-SNE) is utils/image_quality.py's. The size of the patches the U-Nets were trained on is read from their
+training file (whose SHA-256 their meta.json holds), not from config.py, which may have changed since.
 """
 
 import datetime
