@@ -17,7 +17,9 @@ WORK_DIR = Path(os.environ.get("DPGAN_WORK_DIR", "work"))
 # ---- Data (README "Data layout"): DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz ----
 SPLITS = ("train", "val", "test", "test2")
 N_PATIENTS = {"train": 41, "val": 11, "test": 14, "test2": 65}
-PATIENT_IDS = None  # None: "<split>_<index>", the phantoms' ids; give a dict of lists for real scans
+# None: each split's patients are found from its folder's files (sorted ids); a dict {split: [ids]} lists them for the
+# splits it names (docs/real-data.md). The phantoms' ids are "<split>_<index>" (utils/phantoms.py phantom_ids).
+PATIENT_IDS = None
 VOLUME_SHAPE = (312, 384, 127)  # voxels of the phantoms, x y z (z axial)
 VOXEL_SPACING = (0.5, 0.5, 0.7)  # mm
 PHANTOM_SEED = 2022
@@ -154,6 +156,3 @@ def _apply_preset(name):
 
 if PRESET != "paper":
     _apply_preset(PRESET)
-
-if PATIENT_IDS is None:
-    PATIENT_IDS = {s: [f"{s}_{i:03d}" for i in range(N_PATIENTS[s])] for s in SPLITS}

@@ -30,7 +30,7 @@ os.environ.setdefault("DPGAN_WORK_DIR", str(ROOT / "demo_work"))
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
-from utils import common, privacy  # noqa: E402
+from utils import common, data, phantoms, privacy  # noqa: E402
 from utils.audit import audit_paths  # noqa: E402
 
 TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, as in the paper's best model
@@ -148,7 +148,8 @@ def demo_stages(noisem):
         return Step(f"U-Nets on {name}", ["run_unet.py", *flags])
 
     def phantoms_done(data_dir, splits):
-        return lambda: all((Path(data_dir) / s / f"{config.PATIENT_IDS[s][-1]}_mask.nii.gz").is_file() for s in splits)
+        last_masks = [data.patient_paths(s, phantoms.phantom_ids(s)[-1], data_dir)["mask"] for s in splits]
+        return lambda: all(path.is_file() for path in last_masks)
 
     public_patches = Path(public_work) / "patches" / common.patches_path("train").name
     sets = [("real", ["--real"])] + [(names[t], select[t]) for t in trials]

@@ -1,4 +1,5 @@
-"""Write synthetic TOF-MRA phantoms in the authors' layout: DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz.
+"""Write synthetic TOF-MRA phantoms in the authors' layout: DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz, with
+config.N_PATIENTS[split] patients <split>_000, <split>_001, ... per split (the pipeline finds them from the files).
 
 Patients whose files exist already (made with the same seed, shape and spacing) are skipped, so re-running
 reuses the data; any other existing file is an error unless --overwrite. Also writes DATA_DIR/<split>_preview.png.

@@ -218,8 +218,7 @@ def test_bad_input_stops_before_anything_is_written(workspace, monkeypatch, caps
     elif case == "shape":
         save_npz(workspace, img=np.zeros((3, 64, 64), np.float32), label=np.zeros((3, 64, 64), np.uint8))
     elif case == "no_held_out":
-        monkeypatch.setitem(config.PATIENT_IDS, "val", [])
-        monkeypatch.setitem(config.PATIENT_IDS, "test", [])
+        monkeypatch.setattr(config, "PATIENT_IDS", {"val": [], "test": []})
     else:
         argv += ["--trial", "T"]
     with pytest.raises(SystemExit):

@@ -1,12 +1,24 @@
 """utils/data.py: loading one patient's volumes and the checks that name the patient and file."""
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
 
 import config
 from utils.common import PipelineError
-from utils.data import Volume, load_patient, patient_paths, read_header, validate_split
+from utils.data import (
+    Volume,
+    load_patient,
+    patient_ids,
+    patient_paths,
+    read_header,
+    summary_table,
+    survey_data,
+    validate_split,
+)
+from utils.phantoms import phantom_ids
 
 SPACING = (0.5, 0.5, 0.7)
 
@@ -31,9 +43,9 @@ def write_patient(data_dir, split, patient, arrays, affines=None):
 
 
 def write_split(data_dir, split="train"):
-    """Every patient of the split, patient i from seed i; returns {patient: arrays}."""
+    """The phantoms' patients of the split (ids and count), patient i from seed i; returns {patient: arrays}."""
     volumes = {}
-    for index, patient in enumerate(config.PATIENT_IDS[split]):
+    for index, patient in enumerate(phantom_ids(split)):
         volumes[patient] = make_arrays(seed=index)
         write_patient(data_dir, split, patient, volumes[patient])
     return volumes
@@ -42,7 +54,7 @@ def write_split(data_dir, split="train"):
 def test_load_patient_round_trip_from_config_data_dir(dirs):
     data, _, _ = dirs
     arrays = write_split(data)
-    patient = config.PATIENT_IDS["train"][1]
+    patient = phantom_ids("train")[1]
     volume = load_patient("train", patient, skull_strip=False)  # data_dir defaults to config.DATA_DIR (monkeypatched)
     assert isinstance(volume, Volume)
     assert volume.patient == patient and volume.split == "train" and not volume.skull_stripped
@@ -72,16 +84,17 @@ def test_validate_split_reads_every_header(dirs):
     data, _, _ = dirs
     write_split(data)
     headers = validate_split("train")
-    assert [h.patient for h in headers] == config.PATIENT_IDS["train"]
+    assert [h.patient for h in headers] == phantom_ids("train")
     assert all(h.shape == config.VOLUME_SHAPE and h.spacing == SPACING for h in headers)
 
 
 def test_validate_split_names_the_broken_patient(dirs):
     data, _, _ = dirs
     write_split(data)
-    broken = config.PATIENT_IDS["train"][-1]
+    broken = phantom_ids("train")[-1]
     patient_paths("train", broken)["mask"].unlink()
-    with pytest.raises(PipelineError, match=rf"patient {broken}: mask file .*{broken}_mask.nii.gz does not exist"):
+    with pytest.raises(PipelineError, match=rf"patient {broken}: its mask file {broken}_mask.nii.gz is missing from "
+                                            rf"folder {data / 'train'}$"):
         validate_split("train")
 
 
@@ -93,7 +106,8 @@ def test_missing_data_folder(dirs):
 def test_missing_split_folder(dirs):
     data, _, _ = dirs
     write_split(data, "train")
-    with pytest.raises(PipelineError, match=r"patient val_000: split folder .*val does not exist"):
+    with pytest.raises(PipelineError, match=rf"split folder {data / 'val'} does not exist: it should hold each val "
+                                            r"patient's <patient>_img.nii.gz"):
         validate_split("val")
 
 
@@ -190,3 +204,126 @@ def test_check_preparation_refuses_outputs_of_the_other_preparation_and_names_th
         check_preparation(True, "U-Net x", "retrain")
     # outputs written before the setting existed record nothing: their volumes were raw
     assert stripped_of({}) is False and stripped_of({"skull_stripped": np.array(True)}) is True
+
+
+def small_patient(data_dir, split, patient, shape=(4, 5, 3), affines=None):
+    """A patient whose files hold little (only file names and headers matter to what reads them)."""
+    write_patient(data_dir, split, patient, make_arrays(shape=shape), affines)
+
+
+def test_patients_are_found_from_the_files_sorted_when_not_listed(dirs):
+    data, _, _ = dirs
+    assert config.PATIENT_IDS is None  # the default: every split's patients are found from its folder
+    for patient in ("sub-10", "sub-02", "sub-1", "a_b_c"):
+        small_patient(data, "val", patient)
+    (data / "val" / ".DS_Store").write_text("a file manager's")
+    (data / "val" / ".sub-3_img.nii.gz.a1b2c3d4.gz").write_bytes(b"")  # being written (utils.common.atomic_write)
+    assert patient_ids("val") == ["a_b_c", "sub-02", "sub-1", "sub-10"]  # sorted, as strings
+    assert [h.patient for h in validate_split("val")] == ["a_b_c", "sub-02", "sub-1", "sub-10"]
+    small_patient(data, "other", "x")
+    assert patient_ids("val", data_dir=data) == patient_ids("val")
+    with pytest.raises(PipelineError, match="unknown split 'other'"):  # a folder is not a split: config.SPLITS
+        patient_ids("other")
+
+
+def test_a_listing_wins_for_the_splits_it_lists(dirs, monkeypatch):
+    data, _, _ = dirs
+    for split, patient in (("train", "p2"), ("train", "p1"), ("train", "unused"), ("val", "v1"), ("extra", "e1")):
+        small_patient(data, split, patient)
+    monkeypatch.setattr(config, "PATIENT_IDS", {"train": ["p2", "p1"], "extra": ["e1"]})
+    assert patient_ids("train") == ["p2", "p1"]  # the listed ones, in the listed order
+    assert patient_ids("val") == ["v1"]  # not listed: found from the files
+    assert patient_ids("extra") == ["e1"]  # a listed split need not be in config.SPLITS
+    (data / "train" / "notes.txt").write_text("a stray file does not matter where the ids are listed")
+    assert [h.patient for h in validate_split("train")] == ["p2", "p1"]
+    monkeypatch.setitem(config.PATIENT_IDS, "train", ["p1", "p3"])
+    with pytest.raises(PipelineError, match=rf"^patient p3: none of its files \(p3_img.nii.gz, p3_label.nii.gz, "
+                                            rf"p3_mask.nii.gz\) is in folder {data / 'train'}$"):
+        validate_split("train")
+
+
+@pytest.mark.parametrize("kind", ["img", "label", "mask"])
+def test_a_patient_without_one_of_its_files_names_the_patient_the_file_and_the_folder(dirs, kind):
+    data, _, _ = dirs
+    for patient in ("a", "b"):
+        small_patient(data, "test", patient)
+    patient_paths("test", "b", data)[kind].unlink()
+    with pytest.raises(PipelineError, match=rf"^patient b: its {kind} file b_{kind}.nii.gz is missing from folder "
+                                            rf"{data / 'test'}$"):
+        patient_ids("test")
+
+
+def test_stray_files_and_empty_folders_are_errors_naming_the_folder(dirs):
+    data, _, _ = dirs
+    (data / "test").mkdir(parents=True)
+    with pytest.raises(PipelineError, match=rf"split folder {data / 'test'} is empty"):
+        patient_ids("test")
+    small_patient(data, "test", "a")
+    (data / "test" / "a_img.nii").write_bytes(b"")  # not compressed: not the layout
+    (data / "test" / "scans").mkdir()
+    patient_paths("test", "a", data)["label"].unlink()
+    with pytest.raises(PipelineError) as error:
+        patient_ids("test")
+    lines = str(error.value).splitlines()  # every problem of the folder, each on its own line
+    assert lines[0].startswith(f"3 problems in split folder {data / 'test'}")
+    assert lines[1].strip().startswith(f"stray file a_img.nii in {data / 'test'}: every entry")
+    assert lines[2].strip().startswith(f"stray folder scans in {data / 'test'}")
+    assert lines[3].strip() == f"patient a: its label file a_label.nii.gz is missing from folder {data / 'test'}"
+
+
+def test_survey_collects_every_problem_from_the_headers(dirs):
+    data, _, _ = dirs
+    write_split(data, "train")
+    write_split(data, "val")
+    patient_paths("train", "train_000")["mask"].unlink()
+    small_patient(data, "val", "v_shape")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 2), np.uint8), np.diag([*SPACING, 1.0])),
+             patient_paths("val", "v_shape")["label"])
+    small_patient(data, "val", "v_4d", shape=(4, 5, 3, 2))
+    small_patient(data, "val", "v_pixdim")
+    image = nib.load(patient_paths("val", "v_pixdim")["img"])
+    image.header["pixdim"][3] = 0  # nibabel reads a 0 as 1 mm, while the affine says 0.7
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header),
+             patient_paths("val", "v_pixdim")["img"])
+    (data / "test").mkdir()
+    checked = []
+    surveys = {survey.split: survey for survey in survey_data(header_checks=[lambda header: checked.append(header)])}
+    assert list(surveys) == list(config.SPLITS)
+    assert [h.patient for h in checked] == [*phantom_ids("train")[1:], *phantom_ids("val")]  # those that passed
+    assert surveys["train"].patients == phantom_ids("train") and [h.patient for h in surveys["train"].headers] == \
+        phantom_ids("train")[1:]
+    assert surveys["train"].problems == [f"patient train_000: its mask file train_000_mask.nii.gz is missing from "
+                                         f"folder {data / 'train'}"]
+    val = "\n".join(surveys["val"].problems)
+    assert len(surveys["val"].problems) == 3
+    assert re.search(r"patient v_shape: label .*v_shape_label.nii.gz has shape \(4, 5, 2\) but the image", val)
+    assert re.search(r"patient v_4d: image .*v_4d_img.nii.gz has shape \(4, 5, 3, 2\), not 3-D", val)
+    assert re.search(r"patient v_pixdim: image .*v_pixdim_img.nii.gz has voxel spacing \[0.5, 0.5, 1.0\] mm in its "
+                     r"header \(pixdim\) but \[0.5, 0.5, 0.7\] mm in its affine", val)
+    assert surveys["test"].problems == [f"split folder {data / 'test'} is empty: it should hold each patient's "
+                                        f"<patient>_img.nii.gz, <patient>_label.nii.gz and <patient>_mask.nii.gz"]
+    assert surveys["test2"].problems[0].startswith(f"split folder {data / 'test2'} does not exist")
+    table = summary_table(surveys.values()).splitlines()
+    assert table[0].split() == ["split", "patients", "shape(s),", "voxels", "voxel", "spacing(s)", "problems"]
+    assert table[2].split() == ["train", str(len(phantom_ids("train"))), "128x128x16", "0.5x0.5x0.7", "mm", "1"]
+    assert table[3].split()[:2] == ["val", str(len(phantom_ids("val")) + 3)] and table[3].split()[-1] == "3"
+    assert table[5].split() == ["test2", "no", "folder", "-", "-", "1"]
+
+
+def test_survey_reports_what_header_checks_refuse(dirs):
+    data, _, _ = dirs
+    small_patient(data, "train", "big", shape=(6, 5, 3))
+    small_patient(data, "train", "small")
+
+    def at_least_5_across(header):
+        if header.shape[0] < 5:
+            raise PipelineError(f"patient {header.patient}: too small")
+
+    train = survey_data(header_checks=[at_least_5_across])[0]
+    assert train.problems == ["patient small: too small"] and [h.patient for h in train.headers] == ["big", "small"]
+    assert "6x5x3 (1), 4x5x3 (1)" in summary_table([train])
+
+
+def test_survey_of_a_missing_data_folder(dirs):
+    with pytest.raises(PipelineError, match="data folder .* does not exist"):
+        survey_data()

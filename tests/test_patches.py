@@ -12,6 +12,7 @@ import extract_patches
 from utils.common import PipelineError, load_npz, patches_path
 from utils.data import patient_paths
 from utils.patches import draw_centres, ensure_patches, extract_split, montage_path, patient_rng, recorded_preparation
+from utils.phantoms import phantom_ids
 
 HALF = config.PATCH_SIZE // 2
 KEYS = ("img", "label", "patient", "centre")
@@ -35,7 +36,7 @@ def test_patches_file_matches_the_volumes(dirs, capsys):
     assert code == 0
     patches = load_npz(patches_path("train"), KEYS)
     n, n_vessel = config.PATCHES_PER_PATIENT, config.VESSEL_PATCHES_PER_PATIENT
-    patients = config.PATIENT_IDS["train"]
+    patients = phantom_ids("train")
     assert f"{n * len(patients)} patches" in out and str(patches_path("train")) in out
     assert patches["img"].shape == (n * len(patients), config.PATCH_SIZE, config.PATCH_SIZE)
     assert patches["img"].dtype == np.float32 and patches["label"].dtype == np.uint8
@@ -69,7 +70,7 @@ def test_patches_of_raw_volumes_say_so_and_are_refused_where_volumes_are_read_st
     assert run_script(capsys)[0] == 0
     patches = load_npz(patches_path("train"), KEYS)
     assert not patches["skull_stripped"] and not recorded_preparation(patches_path("train"))
-    first = config.PATIENT_IDS["train"][0]
+    first = phantom_ids("train")[0]
     x, y, z = patches["centre"][0]
     window = np.s_[x - HALF:x + HALF, y - HALF:y + HALF, z]
     np.testing.assert_array_equal(patches["img"][0], volumes[first]["img"][window])  # the scalp is still there
@@ -93,7 +94,7 @@ def test_each_patient_draws_from_its_own_rng(dirs):
     volumes = write_split(data)
     patches = extract_split("train", 9)
     n = config.PATCHES_PER_PATIENT
-    volume = volumes[config.PATIENT_IDS["train"][1]]
+    volume = volumes[phantom_ids("train")[1]]
     alone = draw_centres(volume["label"], volume["mask"], n, config.VESSEL_PATCHES_PER_PATIENT,
                          patient_rng(9, 1), "p")
     np.testing.assert_array_equal(alone, patches["centre"][n:2 * n])
@@ -129,12 +130,12 @@ def test_brain_centres_never_reuse_vessel_centres():
 def _damage(data, damage):
     """Write the train split with one damage to its second patient; returns that patient."""
     write_split(data)
-    patient = config.PATIENT_IDS["train"][1]
+    patient = phantom_ids("train")[1]
     arrays, affines = make_arrays(seed=1), {}
     paths = patient_paths("train", patient, data)
     if damage == "missing folder":
         shutil.rmtree(paths["img"].parent)
-        return "train_000"  # the first patient is the first one found missing
+        return None  # no patient is named: there are none
     if damage == "missing file":
         paths["label"].unlink()
         return patient
@@ -156,7 +157,7 @@ def _damage(data, damage):
 
 @pytest.mark.parametrize("damage, message", [
     ("missing folder", r"split folder .*train does not exist"),
-    ("missing file", r"label file .*_label.nii.gz does not exist"),
+    ("missing file", r"label file train_001_label.nii.gz is missing from folder .*train$"),
     ("shape", r"mask .* has shape \(128, 126, 16\) but the image"),
     ("affine", r"the affine of label .* differs"),
     ("label values", r"vessel label .* is not binary \(values 0, 255;"),
@@ -169,7 +170,7 @@ def test_bad_data_is_refused_before_anything_is_written(dirs, capsys, damage, me
     code, _, err = run_script(capsys)
     assert code == 2
     error = err.strip().splitlines()[-1]  # after the progress bar, which tqdm closes with a line break
-    assert error.startswith(f"error: patient {patient}: "), err
+    assert error.startswith(f"error: patient {patient}: " if patient else "error: "), err
     assert re.search(message, error), err
     assert not work.exists() or not any(work.rglob("*")), "something was written"
 
@@ -204,7 +205,7 @@ def test_existing_output_needs_overwrite(dirs, capsys):
     assert path.read_bytes() == before
     assert run_script(capsys, "--split", "val", "--seed", "2", "--overwrite")[0] == 0
     replaced = load_npz(path, KEYS)
-    assert len(replaced["img"]) == config.PATCHES_PER_PATIENT * len(config.PATIENT_IDS["val"])
+    assert len(replaced["img"]) == config.PATCHES_PER_PATIENT * len(phantom_ids("val"))
     assert path.read_bytes() != before
     assert sorted(p.name for p in path.parent.iterdir()) == ["val_montage.png", "val_patches.npz"]
 
@@ -214,4 +215,49 @@ def test_counts_can_be_overridden(dirs, capsys):
     write_split(data)
     assert run_script(capsys, "--n_per_patient", "10", "--n_vessel", "0")[0] == 0
     patches = load_npz(patches_path("train"), KEYS)
-    assert len(patches["img"]) == 10 * len(config.PATIENT_IDS["train"])
+    assert len(patches["img"]) == 10 * len(phantom_ids("train"))
+
+
+def test_check_passes_on_the_phantoms_and_writes_nothing(dirs, capsys):
+    import make_phantoms
+
+    data, work, _ = dirs
+    make_phantoms.main([])
+    before = sorted(data.rglob("*"))
+    capsys.readouterr()
+    code, out, err = run_script(capsys, "--check")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
+    shape, spacing = "x".join(map(str, config.VOLUME_SHAPE)), "x".join(f"{v:g}" for v in config.VOXEL_SPACING)
+    for split in config.SPLITS:
+        assert [split, str(len(phantom_ids(split))), shape, spacing, "mm", "0"] in rows
+    assert f"{sum(len(phantom_ids(s)) for s in config.SPLITS)} patients in {len(config.SPLITS)} splits" in out
+    assert sorted(data.rglob("*")) == before and not work.exists()
+
+
+def test_check_lists_every_problem_of_a_broken_folder(dirs, capsys):
+    data, work, _ = dirs
+    write_split(data, "train")
+    write_split(data, "val")
+    write_split(data, "test")
+    patient_paths("train", "train_000", data)["mask"].unlink()
+    arrays = make_arrays(seed=1)
+    arrays["label"] = arrays["label"][:, :-2]
+    write_patient(data, "train", "train_001", arrays)
+    write_patient(data, "val", "small", make_arrays(shape=(config.PATCH_SIZE - 1, 128, 16)))
+    code, out, err = run_script(capsys, "--check")
+    assert code == 2
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.split()}
+    assert rows["train"][-1] == "2" and rows["val"][-1] == "1" and rows["test"][-1] == "0"
+    assert rows["test2"][1:3] == ["no", "folder"]
+    lines = err.strip().splitlines()
+    assert lines[0] == f"error: 4 problem(s) in {data}; fix them before any step reads it:"
+    folder = data / "train"
+    assert lines[1].strip() == f"train: patient train_000: its mask file train_000_mask.nii.gz is missing from " \
+                               f"folder {folder}"
+    assert re.fullmatch(r"train: patient train_001: label .*train_001_label.nii.gz has shape \(128, 126, 16\) but "
+                        r"the image .* has shape \(128, 128, 16\)", lines[2].strip())
+    assert lines[3].strip() == "val: patient small: volume of shape (95, 128, 16) is smaller than a 96x96 patch in " \
+                               "x or y"
+    assert lines[4].strip().startswith(f"test2: split folder {data / 'test2'} does not exist")
+    assert not work.exists()

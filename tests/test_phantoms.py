@@ -1,4 +1,5 @@
-"""Synthetic TOF-MRA phantoms (utils/phantoms.py) and make_phantoms.py, on the tiny preset's volumes."""
+"""Synthetic TOF-MRA phantoms (utils/phantoms.py, their vessels utils/vessel_tree.py) and make_phantoms.py, on the
+tiny preset's volumes."""
 
 import nibabel as nib
 import numpy as np
@@ -7,7 +8,8 @@ from scipy import ndimage
 
 import config
 import make_phantoms
-from utils import phantoms
+from utils import phantoms, vessel_tree
+from utils.data import patient_ids, patient_paths
 
 SEED = [5, 6, 7]
 
@@ -128,11 +130,11 @@ def test_thin_vessels_exist_and_are_faint(internal, external):
 
 
 def test_tube_occupancy_is_partial_volume():
-    sigma = phantoms.psf_sigma(config.VOXEL_SPACING)
-    wide = phantoms.tube_occupancy(np.array([-3.0, 0.0, 3.0]), np.array([20.0, 20.0, 20.0]))
+    sigma = vessel_tree.psf_sigma(config.VOXEL_SPACING)
+    wide = vessel_tree.tube_occupancy(np.array([-3.0, 0.0, 3.0]), np.array([20.0, 20.0, 20.0]))
     np.testing.assert_allclose(wide, [1, 0.5, 0], atol=0.05)
     # a tube thinner than a voxel fills only part of the voxel on its axis (area / blur spot)
-    on_axis = phantoms.tube_occupancy(np.array([-0.1 / sigma]), np.array([0.1 / sigma]))[0]
+    on_axis = vessel_tree.tube_occupancy(np.array([-0.1 / sigma]), np.array([0.1 / sigma]))[0]
     assert 0.1 < on_axis < 0.3
 
 
@@ -145,8 +147,9 @@ def test_script_writes_layout_skips_existing_and_refuses_partial(dirs, capsys):
     data_dir = dirs[0]
     make_phantoms.main(["--splits", "train", "test2"])
     for split in ("train", "test2"):
-        for patient in config.PATIENT_IDS[split]:
-            paths = phantoms.patient_paths(data_dir, split, patient)
+        assert patient_ids(split) == phantoms.phantom_ids(split)  # found from the files, in the order written
+        for patient in phantoms.phantom_ids(split):
+            paths = patient_paths(split, patient)
             img, img_data = read(paths["img"])
             (_, label), (_, mask) = read(paths["label"]), read(paths["mask"])
             assert (img_data.dtype, label.dtype, mask.dtype) == (np.float32, np.uint8, np.uint8)
@@ -156,12 +159,12 @@ def test_script_writes_layout_skips_existing_and_refuses_partial(dirs, capsys):
         assert phantoms.preview_path(data_dir, split).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (data_dir / "val").exists() and not phantoms.preview_path(data_dir, "val").exists()
 
-    first = phantoms.patient_paths(data_dir, "train", config.PATIENT_IDS["train"][0])
+    first = patient_paths("train", phantoms.phantom_ids("train")[0])
     stamps = {path: path.stat().st_mtime_ns for path in data_dir.rglob("*.nii.gz")}
     label_bytes = first["label"].read_bytes()
     capsys.readouterr()
     make_phantoms.main(["--splits", "train", "test2"])  # everything there: reused, nothing rewritten
-    assert capsys.readouterr().out.count("exists, skipping") == len(config.PATIENT_IDS["train"]) + 1
+    assert capsys.readouterr().out.count("exists, skipping") == len(phantoms.phantom_ids("train")) + 1
     assert stamps == {path: path.stat().st_mtime_ns for path in data_dir.rglob("*.nii.gz")}
 
     first["mask"].unlink()  # a partial patient
@@ -169,7 +172,7 @@ def test_script_writes_layout_skips_existing_and_refuses_partial(dirs, capsys):
         make_phantoms.main(["--splits", "train"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert config.PATIENT_IDS["train"][0] in error and "--overwrite" in error
+    assert phantoms.phantom_ids("train")[0] in error and "--overwrite" in error
     assert not first["mask"].exists()
 
     make_phantoms.main(["--splits", "train", "--overwrite"])
@@ -179,3 +182,12 @@ def test_script_writes_layout_skips_existing_and_refuses_partial(dirs, capsys):
     with pytest.raises(SystemExit):  # files of another seed are not silently taken as this one's
         make_phantoms.main(["--splits", "test2", "--seed", "7"])
     assert f"seed={config.PHANTOM_SEED} " in capsys.readouterr().err  # names the seed of the files found
+
+
+def test_phantom_ids_sort_in_the_order_of_their_seeds(monkeypatch):
+    """The pipeline finds a split's patients sorted by id; for the phantoms that is the order of their indices, the
+    order they are written and seeded in (patches and everything after them depend on it)."""
+    monkeypatch.setitem(config.N_PATIENTS, "test2", 120)
+    ids = phantoms.phantom_ids("test2")
+    assert ids[:2] == ["test2_000", "test2_001"] and ids[-1] == "test2_119" and len(ids) == 120
+    assert sorted(ids) == ids

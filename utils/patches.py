@@ -1,4 +1,4 @@
-"""Patch extraction (SPEC step 1): axial 2-D patches centred on vessel voxels and on brain-mask voxels.
+"""Patch extraction (step 1): axial 2-D patches centred on vessel voxels and on brain-mask voxels.
 
 A centre (x, y, z) gives the patch volume[x-h:x-h+size, y-h:y-h+size, z] with h = size // 2 (for the
 paper's size 96: volume[x-48:x+48, y-48:y+48, z]). Centres are drawn only where that patch lies inside
