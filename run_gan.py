@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 import config
 from utils.common import add_device_arg, gan_results_dir, print_setup, script_main
-from utils.gan import GRAD_SAMPLE_MODES, LOSSES, OPTIMIZERS, PROGRESS_EVERY, GanTrial
+from utils.gan import PROGRESS_EVERY, GanTrial
+from utils.gan_steps import GRAD_SAMPLE_MODES, LOSSES, OPTIMIZERS
 from utils.locks import owned
 from utils.privacy import DP_MODES
 

@@ -30,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import DCGANCritic, Discriminator  # noqa: E402
 from utils.common import resolve_device  # noqa: E402
-from utils.gan import GRAD_SAMPLE_MODES, make_private_critic, plain_critic_step, private_critic_step  # noqa: E402
+from utils.gan_steps import (  # noqa: E402
+    GRAD_SAMPLE_MODES,
+    make_private_critic,
+    plain_critic_step,
+    private_critic_step,
+)
 
 
 def timed(step, device):

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import config  # noqa: E402
 from model import UNet  # noqa: E402
 from utils.common import resolve_device  # noqa: E402
-from utils.evaluation import brain_box_tiles, predict_volume, score  # noqa: E402
+from utils.inference import brain_box_tiles, predict_volume, score  # noqa: E402
 
 
 def synthetic_volume(shape, seed=0):

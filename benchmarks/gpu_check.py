@@ -71,7 +71,7 @@ import bench_gan_update  # noqa: E402
 from bench_critic_step import device_name, measure, setup  # noqa: E402
 
 import run_gan  # noqa: E402
-from utils import bookkeeping, gan  # noqa: E402
+from utils import bookkeeping, gan_steps  # noqa: E402
 from utils.common import resolve_device  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")  # seeded noise: a check, not a release
@@ -115,10 +115,10 @@ def private_update(critic, n_data, real, fake, mode, noise, max_norm, device):
     critic = copy.deepcopy(critic)
     start = flat(critic.parameters()).clone()
     batch = len(fake)
-    private, dp_opt, _, _ = gan.make_private_critic(
+    private, dp_opt, _, _ = gan_steps.make_private_critic(
         critic, torch.optim.SGD(critic.parameters(), lr=1.0), n_data, batch / n_data, batch, noise, max_norm, mode,
         noise_generator=torch.Generator(device=device).manual_seed(5))
-    gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=None)
+    gan_steps.private_critic_step(private, dp_opt, real, fake, clip_param_w=None)
     return flat(critic.parameters()) - start
 
 
@@ -150,7 +150,7 @@ def equivalence(device, scale):
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
         for noise in (0.0, 1.3):
             reference = private_update(critic, len(data), real, fake, "hooks", noise, max_norm, device)
-            for mode in gan.GRAD_SAMPLE_MODES:
+            for mode in gan_steps.GRAD_SAMPLE_MODES:
                 if mode == "hooks":
                     continue
                 try:
@@ -173,7 +173,7 @@ def equivalence(device, scale):
 # ---- (c) critic steps ----
 def critic_steps(device, scale):
     configs = [("paper", scale["ndf"], 96, b, "bk", amp) for b in scale["batches"] for amp in (False, True)]
-    configs += [("paper", scale["ndf"], 96, scale["engine_batch"], m, False) for m in gan.GRAD_SAMPLE_MODES
+    configs += [("paper", scale["ndf"], 96, scale["engine_batch"], m, False) for m in gan_steps.GRAD_SAMPLE_MODES
                 if m != "bk"]
     ndf, size, batch = scale["demo"]
     configs += [("dcgan", ndf, size, batch, "bk", amp) for amp in (False, True)]

@@ -37,7 +37,7 @@ import run_unet  # noqa: E402
 from utils import privacy  # noqa: E402
 from utils.common import gan_results_dir, patches_path, synthetic_name, synthetic_path  # noqa: E402
 from utils.evaluation import select_and_test  # noqa: E402
-from utils.gan import read_log  # noqa: E402
+from utils.gan_log import read_log  # noqa: E402
 from utils.unet import run_unets  # noqa: E402
 
 TARGET_EPSILON = 8.0

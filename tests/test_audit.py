@@ -174,8 +174,10 @@ def test_on_the_tiny_preset_every_set_is_too_few_patients_to_tell(dirs):
 
 
 @pytest.fixture
-def workspace(dirs, groups):
+def workspace(dirs, groups, monkeypatch):
     members, held_out, _ = groups
+    # patches files without a data folder: the held-out patients are those listed
+    monkeypatch.setattr(config, "PATIENT_IDS", {"val": ["h0", "h1"], "test": ["h2", "h3"]})
     stripped = np.array(True)  # cut from skull-stripped volumes, as config.SKULL_STRIP reads them
     save_npz(patches_path("train"), **members, skull_stripped=stripped)
     val, test = (subset(held_out, np.isin(held_out["patient"], ids)) for ids in (["h0", "h1"], ["h2", "h3"]))

@@ -16,7 +16,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 import config
 import run_gan
 from model import Discriminator, Generator
-from utils import bookkeeping, gan
+from utils import bookkeeping, gan, gan_checkpoints, gan_data, gan_log, gan_steps
 from utils.common import gan_model_dir, gan_results_dir, patches_path
 from utils.privacy import gan_privacy, steps_per_epoch
 
@@ -79,7 +79,7 @@ def test_one_strict_epoch_writes_every_output_and_accounts_each_noisy_step(work,
     for name in ("config.json", "log.csv", "losses.png", "epsilon.png", "samples_epoch_0.png"):
         assert (results / name).is_file(), name
     rows = log_rows()
-    assert list(rows[0]) == list(gan.LOG_COLUMNS) and len(rows) == 1
+    assert list(rows[0]) == list(gan_log.LOG_COLUMNS) and len(rows) == 1
     expected = gan_privacy(1.0, 1, config.BATCH_SIZE, N_PATCHES, config.N_DISCR, "strict")
     assert float(rows[0]["epsilon"]) == pytest.approx(expected["epsilon"], rel=1e-9)
     assert float(rows[0]["epsilon_valid"]) == float(rows[0]["epsilon"])
@@ -90,11 +90,11 @@ def test_one_strict_epoch_writes_every_output_and_accounts_each_noisy_step(work,
     assert {"args", "preset", "versions", "config", "n_samples", "delta"} <= set(stored)
     assert stored["n_samples"] == N_PATCHES and stored["delta"] == 1 / N_PATCHES and stored["args"]["noisem"] == 1
 
-    checkpoint = gan.load_checkpoint(models / "epoch_0.pth")
+    checkpoint = gan_checkpoints.load_checkpoint(models / "epoch_0.pth")
     keys = {"epoch", "generator", "discriminator", "opt_g", "opt_d", "accountant", "rng", "model_args"}
     assert keys <= set(checkpoint)
     assert not any("_module" in k for k in checkpoint["discriminator"])
-    g, d = gan.build_networks(checkpoint["model_args"])
+    g, d = gan_checkpoints.build_networks(checkpoint["model_args"])
     g.load_state_dict(checkpoint["generator"])
     d.load_state_dict(checkpoint["discriminator"])
     assert max(p.abs().max().item() for p in d.parameters()) <= config.CLIP_PARAM_W
@@ -122,7 +122,7 @@ def test_strict_draws_a_batch_per_critic_iteration_and_paper_one_per_generator_u
 
 
 def test_a_run_whose_poisson_draws_are_empty_trains_and_counts_each_as_a_noisy_step(work, monkeypatch, dp_steps):
-    endless = gan.endless
+    endless = gan_data.endless
     monkeypatch.setattr(gan, "endless", lambda sampler: ([] if i % 2 else batch for i, batch in
                                                          enumerate(endless(sampler))))  # every other draw empty
     trial = train("--epochs", "1")
@@ -145,8 +145,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(work, capsys):
     assert resumed.engine.accountant.history == straight.engine.accountant.history
     assert log_rows("a")[1]["epsilon"] == log_rows("b")[1]["epsilon"] and len(log_rows("b")) == 2
     for name in ("generator", "discriminator"):
-        a = gan.load_checkpoint(gan_model_dir("a") / "epoch_1.pth")[name]
-        b = gan.load_checkpoint(gan_model_dir("b") / "epoch_1.pth")[name]
+        a = gan_checkpoints.load_checkpoint(gan_model_dir("a") / "epoch_1.pth")[name]
+        b = gan_checkpoints.load_checkpoint(gan_model_dir("b") / "epoch_1.pth")[name]
         assert all(torch.equal(a[k], b[k]) for k in a), name  # RNG states restored: the same batches and noise
     capsys.readouterr()
     train("--trial", "b", "--epochs", "2", "--resume")
@@ -184,10 +184,10 @@ def test_a_private_step_in_physical_batches_is_the_one_pass_update_with_the_same
     for max_physical_batch in (None, 4):
         critic = copy.deepcopy(d)
         start = [p.detach().clone() for p in critic.parameters()]
-        private, dp_opt, _, _ = gan.make_private_critic(critic, torch.optim.SGD(critic.parameters(), lr=1.0),
+        private, dp_opt, _, _ = gan_steps.make_private_critic(critic, torch.optim.SGD(critic.parameters(), lr=1.0),
                                                         len(data), 8 / len(data), 8, 1.3, 0.05, "bk",
                                                         noise_generator=torch.Generator().manual_seed(5))
-        gan.private_critic_step(private, dp_opt, data[:5], data[8:16], clip_param_w=None, loss="hinge",
+        gan_steps.private_critic_step(private, dp_opt, data[:5], data[8:16], clip_param_w=None, loss="hinge",
                                 max_physical_batch=max_physical_batch)
         updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)]))
     torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-6)
@@ -263,7 +263,7 @@ def tiny_critic(zero_weights=False):
 
 def privatise(d, data, noise_multiplier, max_grad_norm, batch_size=8, mode="hooks"):
     opt = torch.optim.SGD(d.parameters(), lr=1.0)  # the step is minus the gradient the optimizer receives
-    return gan.make_private_critic(d, opt, len(data), batch_size / len(data), batch_size, noise_multiplier,
+    return gan_steps.make_private_critic(d, opt, len(data), batch_size / len(data), batch_size, noise_multiplier,
                                    max_grad_norm, mode)
 
 
@@ -276,7 +276,7 @@ def global_norm(grads):
     return torch.sqrt(sum((g ** 2).sum() for g in grads))
 
 
-@pytest.mark.parametrize("mode", gan.GRAD_SAMPLE_MODES)
+@pytest.mark.parametrize("mode", gan_steps.GRAD_SAMPLE_MODES)
 def test_noiseless_private_step_is_the_clipped_real_and_fake_gradients_summed_over_the_expected_batch(mode):
     batch_size = 8
     d, bare, data = tiny_critic()
@@ -291,7 +291,7 @@ def test_noiseless_private_step_is_the_clipped_real_and_fake_gradients_summed_ov
         expected.append(p.detach() - clipped / batch_size)
 
     private, dp_opt, engine, _ = privatise(d, data, 0.0, max_norm, batch_size, mode)
-    real_scores, fake_scores, diagnostics = gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=1e6)
+    real_scores, fake_scores, diagnostics = gan_steps.private_critic_step(private, dp_opt, real, fake, clip_param_w=1e6)
     for p, e in zip(d.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
     assert engine.accountant.history == [(0.0, batch_size / len(data), 1)]  # one step for real and fake together
@@ -306,7 +306,7 @@ def test_private_critic_samples_and_accounts_at_rate_batch_over_n_when_batch_doe
     d, _, data = tiny_critic()
     private, dp_opt, engine, sampler = privatise(d, data[:13], 1.0, 1.0, batch_size=4)
     assert sampler.sample_rate == 4 / 13 and dp_opt.expected_batch_size == 4
-    gan.private_critic_step(private, dp_opt, data[:4], data[8:11], clip_param_w=1.0)
+    gan_steps.private_critic_step(private, dp_opt, data[:4], data[8:11], clip_param_w=1.0)
     assert engine.accountant.history == [(1.0, 4 / 13, 1)]
 
 
@@ -317,7 +317,7 @@ def test_private_step_noise_has_sd_sigma_c_over_b_and_an_empty_batch_is_one_coun
     # All-zero weights: every gradient is exactly zero, so the step is the noise / B alone.
     d, _, data = tiny_critic(zero_weights=True)
     private, dp_opt, engine, _ = privatise(d, data, sigma, max_norm, batch_size, mode)
-    diagnostics = gan.private_critic_step(private, dp_opt, data[:n_real], data[8:11], clip_param_w=1e6)[2]
+    diagnostics = gan_steps.private_critic_step(private, dp_opt, data[:n_real], data[8:11], clip_param_w=1e6)[2]
     step = torch.cat([p.detach().flatten() for p in d.parameters()])
     assert len(step) > 40000
     sd = sigma * max_norm / batch_size
@@ -329,19 +329,19 @@ def test_private_step_noise_has_sd_sigma_c_over_b_and_an_empty_batch_is_one_coun
 def test_weights_are_clamped_after_a_critic_step():
     d, _, data = tiny_critic()
     private, dp_opt, _, _ = privatise(d, data, 1.0, 1.0)
-    gan.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=0.003)
+    gan_steps.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=0.003)
     assert max(p.abs().max().item() for p in d.parameters()) == pytest.approx(0.003)
 
 
 def test_generator_step_leaves_the_critic_alone():
     d, _, data = tiny_critic()
     private, dp_opt, engine, _ = privatise(d, data, 1.0, 1.0)
-    gan.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=1.0)
+    gan_steps.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=1.0)
     critic_state = [(p.detach().clone(), p.grad.clone()) for p in d.parameters()]
     g = Generator(ngf=4)
     g_before = [p.detach().clone() for p in g.parameters()]
     opt_g = torch.optim.RMSprop(g.parameters(), lr=1e-3)
-    gan.generator_step(g, private, opt_g, 4, "cpu")
+    gan_steps.generator_step(g, private, opt_g, 4, "cpu")
     for p, (weight, grad) in zip(d.parameters(), critic_state):
         assert torch.equal(p.detach(), weight) and torch.equal(p.grad, grad)
         assert not isinstance(p.grad_sample, torch.Tensor) or p.grad_sample.shape[0] == 8  # from the critic step
@@ -365,7 +365,7 @@ def test_patient_step_clips_each_patients_mean_gradient_and_one_patient_moves_it
         critic = copy.deepcopy(d)
         start = [p.detach().clone() for p in critic.parameters()]
         private, dp_opt, engine, _ = privatise(critic, data, 0.0, max_norm, b, mode)
-        gan.private_critic_step(private, dp_opt, real_batch, fake, clip_param_w=1e6, patches_per_patient=k)
+        gan_steps.private_critic_step(private, dp_opt, real_batch, fake, clip_param_w=1e6, patches_per_patient=k)
         assert engine.accountant.history == [(0.0, b / len(data), 1)]
         return torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)])
 
@@ -379,10 +379,10 @@ def test_patient_step_clips_each_patients_mean_gradient_and_one_patient_moves_it
 
 def test_patient_batches_give_k_patches_of_each_sampled_patient():
     patients = np.repeat(np.array(["a", "b", "c"]), [5, 3, 4])
-    patches_of = gan.patient_patches(patients)
+    patches_of = gan_data.patient_patches(patients)
     assert [p.tolist() for p in patches_of] == [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11]]
     generator = torch.Generator().manual_seed(0)
-    stream = gan.patient_batches(gan.poisson_sampler(3, 2 / 3, generator), patches_of, 3, generator)
+    stream = gan_data.patient_batches(gan_data.poisson_sampler(3, 2 / 3, generator), patches_of, 3, generator)
     for _ in range(20):
         batch = next(stream)
         assert len(batch) % 3 == 0
@@ -406,7 +406,7 @@ def test_patient_level_run_accounts_one_step_per_critic_iteration_at_rate_b_over
     updates = round(4 / 2)
     assert trial.updates_per_epoch == updates and len(dp_steps) == updates * config.N_DISCR
     assert trial.engine.accountant.history == [(1.0, 2 / 4, updates * config.N_DISCR)]
-    assert trial.delta == 1 / 4 and trial.per_patient()["group_size"] == 1
+    assert trial.delta == 1 / 4 and trial.guarantee()["per_patient"]["group_size"] == 1
     stored = json.loads((gan_results_dir("t") / "config.json").read_text())
     assert (stored["privacy_unit"], stored["n_units"]) == ("patient", 4)
 
@@ -437,13 +437,13 @@ def test_patient_level_needs_the_patient_array(dirs, capsys):
 # ---- recipe knobs: losses, DiffAugment, EMA, the dcgan networks ----
 def test_critic_and_generator_losses_on_hand_made_scores():
     s = torch.tensor([-2.0, 0.0, 3.0])
-    assert torch.equal(gan.critic_loss_terms(s, True, "wgan"), -s)
-    assert torch.equal(gan.critic_loss_terms(s, False, "wgan"), s)
-    assert gan.critic_loss_terms(s, True, "hinge").tolist() == [3.0, 1.0, 0.0]
-    assert gan.critic_loss_terms(s, False, "hinge").tolist() == [0.0, 1.0, 4.0]
-    torch.testing.assert_close(gan.critic_loss_terms(s, True, "ns"), torch.log1p(torch.exp(-s)))
-    torch.testing.assert_close(gan.generator_loss(s, "ns"), torch.log1p(torch.exp(-s)).mean())
-    assert gan.generator_loss(s, "hinge") == -s.mean()
+    assert torch.equal(gan_steps.critic_loss_terms(s, True, "wgan"), -s)
+    assert torch.equal(gan_steps.critic_loss_terms(s, False, "wgan"), s)
+    assert gan_steps.critic_loss_terms(s, True, "hinge").tolist() == [3.0, 1.0, 0.0]
+    assert gan_steps.critic_loss_terms(s, False, "hinge").tolist() == [0.0, 1.0, 4.0]
+    torch.testing.assert_close(gan_steps.critic_loss_terms(s, True, "ns"), torch.log1p(torch.exp(-s)))
+    torch.testing.assert_close(gan_steps.generator_loss(s, "ns"), torch.log1p(torch.exp(-s)).mean())
+    assert gan_steps.generator_loss(s, "hinge") == -s.mean()
 
 
 @pytest.mark.parametrize("loss", ["ns", "hinge"])
@@ -452,14 +452,14 @@ def test_noiseless_private_step_clips_the_per_sample_terms_of_other_losses(loss)
     d, bare, data = tiny_critic()
     real, fake = data[:5], data[8:16]
     params = list(bare.parameters())
-    per_sample = [torch.autograd.grad(gan.critic_loss_terms(bare(x[None]), is_real, loss).sum(), params)
+    per_sample = [torch.autograd.grad(gan_steps.critic_loss_terms(bare(x[None]), is_real, loss).sum(), params)
                   for xs, is_real in ((real, True), (fake, False)) for x in xs]
     norms = torch.stack([global_norm(g) for g in per_sample])
     max_norm = norms[norms > 0].median().item()
     expected = [p.detach() - sum(g[i] * min(1.0, max_norm / (n.item() + 1e-6)) for g, n in zip(per_sample, norms))
                 / batch_size for i, p in enumerate(params)]
     private, dp_opt, _, _ = privatise(d, data, 0.0, max_norm, batch_size)
-    gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss=loss)
+    gan_steps.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss=loss)
     for p, e in zip(d.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
 
@@ -467,10 +467,10 @@ def test_noiseless_private_step_clips_the_per_sample_terms_of_other_losses(loss)
 def test_diff_augment_moves_image_and_label_together():
     torch.manual_seed(0)
     x = torch.rand(16, 1, 96, 96).repeat(1, 2, 1, 1)
-    out = gan.diff_augment(x)
+    out = gan_steps.diff_augment(x)
     assert out.shape == x.shape and torch.equal(out[:, 0], out[:, 1])
     assert not torch.equal(out, x)
-    assert gan.diff_augment(x[:0]).shape == (0, 2, 96, 96)
+    assert gan_steps.diff_augment(x[:0]).shape == (0, 2, 96, 96)
 
 
 def test_ema_averages_weights_and_copies_buffers():
@@ -479,7 +479,7 @@ def test_ema_averages_weights_and_copies_buffers():
         model.weight.fill_(1.0)
         average.weight.fill_(0.0)
         model.running_mean.fill_(5.0)
-    gan.update_ema(average, model, 0.9)
+    gan_steps.update_ema(average, model, 0.9)
     torch.testing.assert_close(average.weight, torch.full((3,), 0.1))
     assert torch.equal(average.running_mean, model.running_mean)
 
@@ -497,7 +497,7 @@ def test_dcgan_recipe_trains_resumes_and_synthesises_with_the_ema_generator(work
     assert float(rows[0]["grad_norm_median"]) > 0 and 0 <= float(rows[0]["clipped_fraction"]) <= 1
     resumed = train("--epochs", "2", "--resume", *flags)
     assert resumed.accounted_steps() == 2 * trial.updates_per_epoch * config.N_DISCR
-    checkpoint = gan.load_checkpoint(gan.checkpoint_path("t", 1))
+    checkpoint = gan_checkpoints.load_checkpoint(gan_checkpoints.checkpoint_path("t", 1))
     assert checkpoint["generator_ema"] is not None
     generate_samples.main(["--trial", "t", "--epoch", "1", "--n_samples", "4"])
     info = json.loads(synthetic_path("t", 1, 0.8).with_suffix(".json").read_text())
@@ -526,7 +526,7 @@ def test_dcgan_recipe_at_another_patch_size_trains_and_synthesises_pairs_of_that
     assert "config.PATCH_SIZE 64 (the trial has 48)" in err
 
 
-@pytest.mark.parametrize("mode", [m for m in gan.GRAD_SAMPLE_MODES if m != "hooks"])
+@pytest.mark.parametrize("mode", [m for m in gan_steps.GRAD_SAMPLE_MODES if m != "hooks"])
 def test_every_engine_gives_the_reference_update_with_the_same_noise_draw(mode):
     """The guarantee must not depend on the speed path: with one fixed noise draw, every per-sample gradient engine
     gives the clipped, noised update of the reference engine (hooks) to float tolerance."""
@@ -537,9 +537,9 @@ def test_every_engine_gives_the_reference_update_with_the_same_noise_draw(mode):
         critic = copy.deepcopy(d)
         start = [p.detach().clone() for p in critic.parameters()]
         opt = torch.optim.SGD(critic.parameters(), lr=1.0)
-        private, dp_opt, _, _ = gan.make_private_critic(critic, opt, len(data), 8 / len(data), 8, 1.3, 0.05, engine,
-                                                        noise_generator=torch.Generator().manual_seed(5))
-        gan.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss="ns")
+        private, dp_opt, _, _ = gan_steps.make_private_critic(critic, opt, len(data), 8 / len(data), 8, 1.3, 0.05,
+                                                              engine, noise_generator=torch.Generator().manual_seed(5))
+        gan_steps.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss="ns")
         updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)]))
     torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-5)
 
@@ -550,7 +550,7 @@ def train_public(monkeypatch, work, *flags):
         m.setattr(config, "WORK_DIR", work / "public")
         write_patches(seed=1)
         train("--trial", "public", "--noisem", "inf", "--epochs", "1", *flags)
-        return gan.checkpoint_path("public", 0)
+        return gan_checkpoints.checkpoint_path("public", 0)
 
 
 def test_init_from_starts_both_networks_from_a_public_checkpoint_and_accounts_exactly_as_a_cold_start(
@@ -558,7 +558,7 @@ def test_init_from_starts_both_networks_from_a_public_checkpoint_and_accounts_ex
     from utils.common import file_sha256
 
     public = train_public(monkeypatch, work, "--seed", "5")
-    saved = gan.load_checkpoint(public)
+    saved = gan_checkpoints.load_checkpoint(public)
     args = run_gan.parse_args(["--trial", "warm", "--epochs", "1", "--init_from", str(public)])
     warm = gan.GanTrial(args)
     for name, net in (("generator", warm.generator), ("discriminator", warm.critic)):
@@ -590,7 +590,7 @@ def test_init_from_a_missing_or_different_checkpoint_is_refused_before_anything_
 
 def test_init_from_a_gan_trained_on_the_same_patients_is_refused(work, capsys):
     train("--trial", "np", "--noisem", "inf", "--epochs", "1")  # a non-private GAN of this work folder's patches
-    err = expect_error(capsys, "--init_from", str(gan.checkpoint_path("np", 0)))
+    err = expect_error(capsys, "--init_from", str(gan_checkpoints.checkpoint_path("np", 0)))
     assert "trained on this work folder's patches" in err and not gan_results_dir("t").exists()
 
 
@@ -603,7 +603,7 @@ def test_init_from_a_gan_of_another_folder_trained_on_the_same_patches_is_refuse
         patches_path("train").parent.mkdir(parents=True)
         shutil.copy(ours, patches_path("train"))
         train("--trial", "np", "--noisem", "inf", "--epochs", "1")
-        same_patients = gan.checkpoint_path("np", 0)
+        same_patients = gan_checkpoints.checkpoint_path("np", 0)
     err = expect_error(capsys, "--init_from", str(same_patients))
     assert "trained on the same patches file as this run" in err and not gan_results_dir("t").exists()
 
@@ -624,7 +624,7 @@ def test_a_run_records_its_patches_preparation_and_refuses_a_public_start_prepar
 
 def test_init_from_starts_the_generator_and_its_average_from_the_public_average(work, monkeypatch):
     public = train_public(monkeypatch, work, "--ema", "0.9")
-    saved = gan.load_checkpoint(public)
+    saved = gan_checkpoints.load_checkpoint(public)
     warm = gan.GanTrial(run_gan.parse_args(["--trial", "warm", "--epochs", "1", "--ema", "0.9",
                                             "--init_from", str(public)]))
     for net in (warm.generator, warm.generator_ema):
@@ -661,7 +661,8 @@ def test_a_run_stopped_before_its_checkpoint_resumes_to_the_log_of_an_uninterrup
     with pytest.raises(KeyboardInterrupt):
         train("--trial", "b", "--epochs", "2", "--resume")
     monkeypatch.setattr(gan, "save_torch", original)
-    assert len(log_rows("b")) == 2 and gan.checkpoint_epochs("b") == [0]  # the epoch's log row, not its checkpoint
+    # the epoch's log row was written, not its checkpoint
+    assert len(log_rows("b")) == 2 and gan_checkpoints.checkpoint_epochs("b") == [0]
     (gan_model_dir("b") / ".epoch_1.pth.k2j_x9a0.pth").write_bytes(b"half a checkpoint")  # killed in torch.save
     resumed = train("--trial", "b", "--epochs", "2", "--resume")
     out = capsys.readouterr().out
@@ -677,7 +678,8 @@ def test_a_run_stopped_before_its_checkpoint_resumes_to_the_log_of_an_uninterrup
 def test_a_checkpoint_without_its_log_row_is_removed_and_its_epoch_trained_again(work, capsys):
     train("--epochs", "2")
     rows = log_rows()
-    gan.write_log(gan_results_dir("t") / "log.csv", gan.read_log(gan_results_dir("t") / "log.csv")[:1])  # old order
+    log_path = gan_results_dir("t") / "log.csv"
+    gan_log.write_log(log_path, gan_log.read_log(log_path)[:1])  # old order
     train("--epochs", "2", "--resume")
     assert "epoch 1 was left half-done (its checkpoint has no row in log.csv" in capsys.readouterr().out
     assert [r["epsilon"] for r in log_rows()] == [r["epsilon"] for r in rows]  # epoch 1 has its row again
@@ -691,10 +693,10 @@ def test_a_trial_stopped_in_epoch_0_starts_again_with_or_without_resume(work, mo
     with pytest.raises(KeyboardInterrupt):
         train("--epochs", "1")
     monkeypatch.setattr(gan, "save_torch", original)
-    assert (gan_results_dir("t") / "config.json").is_file() and gan.checkpoint_epochs("t") == []
+    assert (gan_results_dir("t") / "config.json").is_file() and gan_checkpoints.checkpoint_epochs("t") == []
     trial = train("--epochs", "1", *resume)
     assert "it starts again from epoch 0" in capsys.readouterr().out
-    assert trial.start_epoch == 0 and gan.checkpoint_epochs("t") == [0] and len(log_rows()) == 1
+    assert trial.start_epoch == 0 and gan_checkpoints.checkpoint_epochs("t") == [0] and len(log_rows()) == 1
 
 
 def test_resume_refuses_a_changed_patches_file_and_a_folder_without_room_before_training(work, capsys, monkeypatch):
@@ -708,4 +710,4 @@ def test_resume_refuses_a_changed_patches_file_and_a_folder_without_room_before_
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(1, 1, 0))
     err = expect_error(capsys, "--epochs", "2", "--resume")
     assert "the checkpoints need about" in err and str(gan_model_dir("t")) in err
-    assert gan.checkpoint_epochs("t") == [0] and len(log_rows()) == 1
+    assert gan_checkpoints.checkpoint_epochs("t") == [0] and len(log_rows()) == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import run_gan
-from utils import gan
+from utils import gan_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -35,11 +35,11 @@ def test_the_quick_check_runs_every_part_on_the_cpu_and_writes_its_json(tmp_path
     assert all(p["ok"] and p["seconds"] >= 0 for p in parts.values())
     assert parts["environment"]["torch"] == torch.__version__ and parts["environment"]["device_type"] == "cpu"
     checked = {(r["mode"], r["noise"]) for r in parts["equivalence"]["engines"]}
-    assert checked == {(m, n) for m in gan.GRAD_SAMPLE_MODES if m != "hooks" for n in (0.0, 1.3)}
+    assert checked == {(m, n) for m in gan_steps.GRAD_SAMPLE_MODES if m != "hooks" for n in (0.0, 1.3)}
     assert parts["equivalence"]["amp"]["max_move_over_c"] <= 1 + 1e-5
     steps = parts["critic_steps"]["steps"]
     assert {(s["mode"], s["amp"]) for s in steps if s["arch"] == "paper"} >= {("bk", False), ("bk", True)}
-    assert {s["mode"] for s in steps} == set(gan.GRAD_SAMPLE_MODES) and any(s["arch"] == "dcgan" for s in steps)
+    assert {s["mode"] for s in steps} == set(gan_steps.GRAD_SAMPLE_MODES) and any(s["arch"] == "dcgan" for s in steps)
     assert all(s["dp_s"] > 0 and s["plain_s"] > 0 and s["peak_gb"] > 0 for s in steps)
     updates = parts["generator_updates"]
     assert updates["paper_updates"] == 64_050 and set(updates["kinds"]) == {"plain", "private", "plain_amp",

@@ -12,7 +12,8 @@ import generate_samples
 import run_gan
 from utils import privacy, release
 from utils.common import PipelineError, gan_results_dir, synthetic_name, synthetic_path
-from utils.gan import build_generator, checkpoint_path, read_log
+from utils.gan_checkpoints import build_generator, checkpoint_path
+from utils.gan_log import read_log
 from utils.privacy import PRV_EPS_ERROR
 from utils.release import PAPER_COUNT_KEY, RELEASE_FILES, release_dir
 from utils.synthesis import BEST_EPOCH
@@ -130,7 +131,7 @@ def hand_made_trial(trial, patch_size=96, privacy_unit="patch", n_units=400, n_s
     import csv
 
     from utils.common import gan_model_dir
-    from utils.gan import LOG_COLUMNS
+    from utils.gan_log import LOG_COLUMNS
 
     delta = 1 / n_units if delta is None else delta
     model_args = {"arch": "dcgan", "ngf": 1, "latent_dim": 8, "label_scale": "pm1", "patch_size": patch_size,

@@ -14,7 +14,7 @@ import sweep
 from utils import sweep as sweep_module
 from utils.common import gan_results_dir
 from utils.compare import results_dir
-from utils.gan import checkpoint_path, load_checkpoint
+from utils.gan_checkpoints import checkpoint_path, load_checkpoint
 from utils.privacy import epsilon_from_history
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")

@@ -15,7 +15,7 @@ import generate_samples
 from model import Generator
 from utils import privacy
 from utils.common import PipelineError, gan_model_dir, gan_results_dir, patches_path, save_npz, synthetic_path
-from utils.gan import LOG_COLUMNS
+from utils.gan_log import LOG_COLUMNS
 from utils.synthesis import count_patches, select_epoch, to_pairs
 
 TRIAL = "T1"
@@ -65,7 +65,7 @@ def make_trial(work, label_weight=None, epochs=(0, 1, 2, 3, 4), noisem=1.0, tria
     results.mkdir(parents=True, exist_ok=True)
     args = {"trial": trial, "noisem": noisem, "dp_mode": "strict", "max_norm_dp": 1.0, "n_discr": 2}
     (results / "config.json").write_text(json.dumps({"args": args, "n_samples": N_TRAIN, "delta": 1 / N_TRAIN,
-                                                     "skull_stripped": True}))
+                                                     "skull_stripped": True, "patches_per_patient_max": 6}))
     with open(results / "log.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(LOG_COLUMNS)

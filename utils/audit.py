@@ -46,6 +46,7 @@ import torch
 
 import config
 from utils.common import PipelineError, load_npz, minmax_scale, save_figure
+from utils.data import patient_ids
 
 # The figures a result file and the comparison table show, with their labels.
 AUDIT_FIGURES = {
@@ -360,19 +361,20 @@ def held_out_patches():
 
     parts = []
     for split in HELD_OUT_SPLITS:
-        if not config.PATIENT_IDS.get(split):
+        if not patient_ids(split):
             continue
         parts.append(load_pairs(ensure_patches(split), f"{split} patches", need_patients=True))
     if not parts:
-        raise PipelineError(f"the audit needs held-out patients: config.PATIENT_IDS lists none for "
-                            f"{' or '.join(HELD_OUT_SPLITS)}")
+        raise PipelineError(f"the audit needs held-out patients: none in {' or '.join(HELD_OUT_SPLITS)} "
+                            f"(config.PATIENT_IDS lists none there)")
     return {k: np.concatenate([p[k] for p in parts]) for k in ("img", "label", "patient")}
 
 
 def critic_scorer(trial, epoch, device):
     """critic(img, label) -> scores of the trial's critic at `epoch`, or None when its checkpoint is missing.
     Internal: the critic is never released."""
-    from utils.gan import build_networks, checkpoint_path, load_checkpoint
+    from utils.gan_checkpoints import build_networks, checkpoint_path, load_checkpoint
+    from utils.gan_data import scale_pairs
 
     path = checkpoint_path(trial, epoch)
     if trial is None or not path.is_file():
@@ -386,10 +388,9 @@ def critic_scorer(trial, epoch, device):
     def score(img, label):
         img = img[..., 0] if img.ndim == 4 else img
         label = label[..., 0] if label.ndim == 4 else label
-        label = label.astype(np.float32)
-        pairs = np.stack([minmax_scale(img, -1, 1), label * 2 - 1 if label_scale == "pm1" else label], axis=1)
+        pairs = scale_pairs(img, label.astype(np.float32), label_scale)  # the critic's input, as in training
         with torch.no_grad():
-            return np.concatenate([critic(torch.from_numpy(pairs[i:i + 256]).to(device)).cpu().numpy()
+            return np.concatenate([critic(pairs[i:i + 256].to(device)).cpu().numpy()
                                    for i in range(0, len(pairs), 256)])
 
     return score

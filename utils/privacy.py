@@ -119,9 +119,46 @@ def check_settings(noisem=None, batch_size=None, n_samples=None, n_discr=None, d
         raise ValueError(f"--epochs {epochs}: must be >= 0")
 
 
+def guarantee(counted, delta, dp_mode="strict", noise_multiplier=math.inf, sample_rate=None, generator_updates=0,
+              n_discr=1, group_size=None, prv=True):
+    """Every epsilon the project prints for one run (or a pick among runs), from its accountant history: the one
+    place that turns a history into guarantees. The trial's progress and log, the calculator, the release, the
+    comparison and the audit all call it.
+
+    counted: the history [(noise multiplier, sample rate, steps), ...] as the run's DP optimizer counted it; None for
+    a non-private run (noise inf: every epsilon inf). dp_mode "paper": the counted history is the paper's number,
+    not a valid bound; the valid one is rebuilt from noise_multiplier, sample_rate, generator_updates and n_discr
+    (valid_paper_history). group_size: the most patches one patient contributes (1 for patient-level DP), for the
+    per-patient statement. prv: also the PRV epsilon, unless Opacus's PRV accountant is out of reach for the history
+    (prv_out_of_reach: then None and a note).
+
+    Returns epsilon (as counted), epsilon_valid (RDP), epsilon_valid_prv (and epsilon_valid_prv_note), steps_counted,
+    steps_valid, history (the valid history, which a pick among runs composes) and, with group_size, per_patient."""
+    if counted is None:
+        result = {"epsilon": math.inf, "epsilon_valid": math.inf, "epsilon_valid_prv": math.inf, "steps_counted": 0,
+                  "steps_valid": 0, "history": []}
+    else:
+        counted = [tuple(h) for h in counted]
+        valid = counted if dp_mode == "strict" else valid_paper_history(noise_multiplier, sample_rate,
+                                                                         generator_updates, n_discr)
+        epsilon = epsilon_from_history(counted, delta)
+        result = {"epsilon": epsilon, "epsilon_valid": epsilon if valid is counted else
+                  epsilon_from_history(valid, delta), "steps_counted": sum(h[2] for h in counted),
+                  "steps_valid": sum(h[2] for h in valid), "history": [list(h) for h in valid]}
+        if prv:
+            skipped = prv_out_of_reach(valid, delta)
+            result["epsilon_valid_prv"] = None if skipped else epsilon_from_history(valid, delta, "prv")
+            if skipped:
+                result["epsilon_valid_prv_note"] = skipped
+    if group_size is not None:
+        result["per_patient"] = group_privacy(result["epsilon_valid"], delta, group_size)
+    return result
+
+
 def gan_privacy(noisem, epochs, batch_size, n_samples, n_discr, dp_mode="strict", delta=None,
                 patches_per_patient=None):
-    """The (epsilon, delta) guarantee of a DP-WGAN run, per patch and per patient.
+    """The (epsilon, delta) guarantee of a DP-WGAN run planned with these settings, per patch and per patient
+    (the calculator: `python -m utils.privacy`).
 
     epsilon: as the run's accountant counts it (for paper mode the paper's number, not a valid bound);
     epsilon_valid: a valid RDP bound; epsilon_valid_prv: the same history through the PRV accountant.
@@ -131,24 +168,15 @@ def gan_privacy(noisem, epochs, batch_size, n_samples, n_discr, dp_mode="strict"
     delta = delta if delta is not None else 1.0 / n_samples
     sample_rate = batch_size / n_samples
     updates = round(epochs * steps_per_epoch(n_samples, batch_size))
-    result = {"noise_multiplier": noisem, "dp_mode": dp_mode, "epochs": epochs, "batch_size": batch_size,
-              "n_samples": n_samples, "n_discr": n_discr, "sample_rate": sample_rate, "delta": delta,
-              "generator_updates": updates}
-    if math.isinf(noisem):
-        result.update(epsilon=math.inf, epsilon_valid=math.inf, epsilon_valid_prv=math.inf, steps=0)
-    else:
-        counted = (strict_history if dp_mode == "strict" else paper_reported_history)(noisem, sample_rate, updates,
-                                                                                      n_discr)
-        valid = counted if dp_mode == "strict" else valid_paper_history(noisem, sample_rate, updates, n_discr)
-        skipped = prv_out_of_reach(valid, delta)
-        result.update(epsilon=epsilon_from_history(counted, delta), epsilon_valid=epsilon_from_history(valid, delta),
-                      epsilon_valid_prv=None if skipped else epsilon_from_history(valid, delta, "prv"),
-                      steps=counted[0][2])
-        if skipped:
-            result["epsilon_valid_prv_note"] = skipped
-    group = patches_per_patient or config.PATCHES_PER_PATIENT
-    result["per_patient"] = group_privacy(result["epsilon_valid"], delta, group)
-    return result
+    counted = None if math.isinf(noisem) else (strict_history if dp_mode == "strict" else paper_reported_history)(
+        noisem, sample_rate, updates, n_discr)
+    result = guarantee(counted, delta, dp_mode, noisem, sample_rate, updates, n_discr,
+                       group_size=patches_per_patient or config.PATCHES_PER_PATIENT)
+    return {"noise_multiplier": noisem, "dp_mode": dp_mode, "epochs": epochs, "batch_size": batch_size,
+            "n_samples": n_samples, "n_discr": n_discr, "sample_rate": sample_rate, "delta": delta,
+            "generator_updates": updates, "epsilon": result["epsilon"], "epsilon_valid": result["epsilon_valid"],
+            "epsilon_valid_prv": result["epsilon_valid_prv"], "steps": result["steps_counted"],
+            **{k: result[k] for k in ("epsilon_valid_prv_note", "per_patient") if k in result}}
 
 
 def noise_for_target_epsilon(target_epsilon, epochs, batch_size, n_samples, n_discr, dp_mode="strict",

@@ -20,7 +20,8 @@ from pathlib import Path
 import config
 from utils import privacy
 from utils.common import PipelineError, atomic_write, refuse_existing, save_json, save_npz, save_torch, versions
-from utils.gan import GENERATOR_ARGS, checkpoint_path, describe_group_privacy, load_checkpoint
+from utils.gan_checkpoints import GENERATOR_ARGS, checkpoint_path, load_checkpoint
+from utils.gan_log import describe_group_privacy
 
 RELEASE_FILES = ("synthetic.npz", "generator.pt", "privacy.json", "README.txt")
 PAPER_COUNT_KEY = "epsilon_paper_count_NOT_a_valid_bound"
@@ -55,22 +56,26 @@ def trial_privacy(trial, trial_config, epoch):
     out = {"dp_mode": dp_mode, "noise_multiplier": noisem, "max_norm_dp": args.get("max_norm_dp"),
            "sample_rate": rate, "delta": delta, "n_samples": trial_config.get("n_samples"),
            "generator_updates": accountant["generator_updates"], "seeded": trial_config.get("seeded", True),
-           "patches_per_patient_max": trial_config.get("patches_per_patient_max", config.PATCHES_PER_PATIENT),
+           "patches_per_patient_max": recorded_patches_per_patient(trial, trial_config),
            "privacy_unit": trial_config.get("privacy_unit", "patch"),
            "n_units": trial_config.get("n_units", trial_config.get("n_samples")),
            "audit_canaries": args.get("audit_canaries", 0), "init_sha256": trial_config.get("init_sha256"),
            "trial": trial, "epoch": epoch}
     out["delta_rule"] = delta_rule(delta, out["privacy_unit"], trial_config.get("n_accounted", out["n_units"]))
-    if math.isinf(noisem):
-        return {**out, "epsilon": math.inf, "epsilon_valid": math.inf, "epsilon_valid_prv": math.inf, "steps": 0,
-                "history": []}
-    counted = [tuple(h) for h in accountant["history"]]
-    valid = counted if dp_mode == "strict" else privacy.valid_paper_history(
-        noisem, rate, accountant["generator_updates"], args["n_discr"])
-    return {**out, "epsilon": privacy.epsilon_from_history(counted, delta),
-            "epsilon_valid": privacy.epsilon_from_history(valid, delta),
-            "epsilon_valid_prv": privacy.epsilon_from_history(valid, delta, "prv"),
-            "steps": sum(h[2] for h in valid), "history": [list(h) for h in valid]}
+    g = privacy.guarantee(None if math.isinf(noisem) else accountant["history"], delta, dp_mode, noisem, rate,
+                          accountant["generator_updates"], args.get("n_discr", 1))
+    return {**out, **{k: g[k] for k in ("epsilon", "epsilon_valid", "epsilon_valid_prv", "history")},
+            "steps": g["steps_valid"]}
+
+
+def recorded_patches_per_patient(trial, trial_config):
+    """The most patches one patient gave the trial, as its config.json records it (trials older than that field
+    record the config.PATCHES_PER_PATIENT they ran with): never today's config.py."""
+    recorded = trial_config.get("patches_per_patient_max", trial_config.get("config", {}).get("PATCHES_PER_PATIENT"))
+    if recorded is None:
+        raise PipelineError(f"GAN trial {trial!r}: its config.json records neither patches_per_patient_max nor "
+                            f"config.PATCHES_PER_PATIENT, which the per-patient statement needs")
+    return int(recorded)
 
 
 def unit_name(privacy_unit, count=2):
@@ -102,13 +107,11 @@ def runs_privacy(runs):
         raise PipelineError(f"a pick among runs of different privacy units ({', '.join(sorted(units))}) has no "
                             f"single guarantee: compare runs of one unit")
     delta = min(r["delta"] for r in runs)
-    if any(math.isinf(float(r["epsilon_valid"])) for r in runs):
-        epsilon = epsilon_prv = math.inf
-    else:
-        history = [tuple(h) for r in runs for h in r["history"]]
-        epsilon = privacy.epsilon_from_history(history, delta)
-        epsilon_prv = privacy.epsilon_from_history(history, delta, "prv")
-    return {"epsilon_valid": epsilon, "epsilon_valid_prv": epsilon_prv, "delta": delta,
+    non_private = any(math.isinf(float(r["epsilon_valid"])) for r in runs)
+    # The runs' valid histories, concatenated: one strict history
+    composed = privacy.guarantee(None if non_private else [h for r in runs for h in r["history"]], delta)
+    return {"epsilon_valid": composed["epsilon_valid"], "epsilon_valid_prv": composed["epsilon_valid_prv"],
+            "delta": delta,
             "runs": [{"trial": r["trial"], "epoch": r["epoch"], "epsilon_valid": json_number(float(r["epsilon_valid"])),
                       "patches_per_patient_max": r.get("patches_per_patient_max")} for r in runs],
             "composition": COMPOSITION}

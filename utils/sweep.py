@@ -165,7 +165,7 @@ def trial_state(trial, entry, thresh, epochs):
 
 def trial_figures(trial, thresh, epochs):
     """(valid epsilon reached so far, test DSC) of a trial, from its GAN log and result file."""
-    from utils.gan import read_log
+    from utils.gan_log import read_log
 
     log = read_log(gan_results_dir(trial) / "log.csv")
     epsilon = log[-1]["epsilon_valid"] if log else None

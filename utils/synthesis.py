@@ -20,7 +20,6 @@ picked among several runs on the same patients by looking at their results (--ch
 of all of them, composed (utils/release.py runs_privacy).
 """
 
-import csv
 import math
 import os
 import shutil
@@ -52,7 +51,8 @@ from utils.common import (
     synthetic_path,
 )
 from utils.data import stripped_of
-from utils.gan import build_generator, checkpoint_path
+from utils.gan_checkpoints import build_generator, checkpoint_epochs, checkpoint_path, load_checkpoint
+from utils.gan_log import read_log as read_log_file
 from utils.locks import owned
 
 BEST_EPOCH = 9999  # --epoch 9999: the epoch of minimum generator loss after the skipped ones
@@ -66,30 +66,21 @@ def available_epochs(trial):
     if not folder.is_dir():
         raise PipelineError(f"GAN trial {trial!r} does not exist: no folder {folder} (train it with "
                             f"`python run_gan.py --trial {trial}`)")
-    epochs = []
-    for path in folder.glob("epoch_*.pth"):
-        suffix = path.stem[len("epoch_"):]
-        if suffix.isdigit():
-            epochs.append(int(suffix))
-    return sorted(epochs)
+    return checkpoint_epochs(trial)
 
 
 def read_log(trial):
-    """The trial's log.csv as a list of dicts (epoch int, every other column float; "inf" is math.inf)."""
+    """The trial's log.csv rows (utils.gan_log.read_log), which must exist and hold the columns the choice of an
+    epoch and its epsilon need."""
     path = gan_results_dir(trial) / "log.csv"
     if not path.is_file():
         raise PipelineError(f"GAN trial {trial!r}: its log {path} does not exist")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        needed = {"epoch", "loss_g", "epsilon", "epsilon_valid"}
-        if reader.fieldnames is None or not needed <= set(reader.fieldnames):
-            raise PipelineError(f"GAN log {path} lacks the columns {sorted(needed)} (it has {reader.fieldnames})")
-        try:
-            rows = [{k: (int(float(v)) if k == "epoch" else float(v)) for k, v in row.items()} for row in reader]
-        except (TypeError, ValueError) as err:
-            raise PipelineError(f"GAN log {path} has a value that is not a number: {err}") from None
+    rows = read_log_file(path)
     if not rows:
         raise PipelineError(f"GAN log {path} has no epochs")
+    missing = {"epoch", "loss_g", "epsilon", "epsilon_valid"} - rows[0].keys()
+    if missing:
+        raise PipelineError(f"GAN log {path} lacks the columns {sorted(missing)} (it has {sorted(rows[0])})")
     return rows
 
 
@@ -123,15 +114,12 @@ def load_generator(trial, epoch, flags):
         epochs = available_epochs(trial)
         raise PipelineError(f"GAN trial {trial!r} has no checkpoint for epoch {epoch} ({path}); the epochs that "
                             f"exist are {', '.join(map(str, epochs)) if epochs else 'none'}")
+    checkpoint = load_checkpoint(path)
     try:
-        # weights_only=False: our own checkpoint, which also holds RNG states and the privacy accountant.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         model_args = dict(checkpoint["model_args"])
         state = checkpoint.get("generator_ema") or checkpoint["generator"]
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise PipelineError(f"checkpoint {path} lacks {err} (expected keys 'generator' and 'model_args')") from None
-    except Exception as err:  # torch raises many types for a damaged file
-        raise PipelineError(f"checkpoint {path} cannot be read: {err}") from None
     for name in SHAPE_FLAGS:
         given = flags.get(name)
         if given is not None and given != model_args.get(name):
