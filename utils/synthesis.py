@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,6 @@ from utils.common import (
     gan_results_dir,
     load_json,
     minmax_scale,
-    patches_path,
     refuse_existing,
     resolve_device,
     save_figure,
@@ -166,28 +164,13 @@ def generate(generator, n_samples, thresh, seed, device, batch_size=None):
     return img, label
 
 
-def count_patches(path):
-    """The number of patches in a patches npz, read from the npy header of `label` without loading it."""
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("label.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, _, _ = read_header(f)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise PipelineError(f"patches file {path} cannot be read (to count its patches): {err}") from None
-    return int(shape[0])
-
-
 def default_n_samples(trial_config):
-    """N of the training set: the patches file's count, or else the trial's config.json "n_samples"."""
-    path = patches_path("train")
-    if path.is_file():
-        return count_patches(path)
+    """N of the trial's training set, as its config.json records it (not today's patches file, which may have been
+    extracted again since)."""
     if trial_config.get("n_samples"):
         return int(trial_config["n_samples"])
-    raise PipelineError(f"--n_samples not given, and neither {path} nor the trial's config.json says how many "
-                        f"training patches there are; pass --n_samples")
+    raise PipelineError("--n_samples not given, and the trial's config.json does not say how many training patches "
+                        "it trained on; pass --n_samples")
 
 
 def save_grid(path, img, label, title):
