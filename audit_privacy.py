@@ -1,5 +1,5 @@
 """Step 6: empirical privacy audit of a synthetic set by membership inference
-(README "Does it leak? The membership-inference audit").
+(docs/audit.md).
 
     python audit_privacy.py --trial GAN1 --epoch 49 --thresh 0.8     # a set of generate_samples.py
     python audit_privacy.py --synthetic other_sets/pairs.npz          # any npz with `img` and `label`
@@ -10,7 +10,7 @@ are missing); as many patches of each. The verdict is a permutation test over wh
 (patient-level AUC, p-value; "too few patients to tell" when no assignment could reach p <= 0.05). Writes
 work/results/<set name>_audit.json (the test, and descriptive figures: patch-level AUC with a patient-level
 bootstrap interval, TPR at 1% and 0.1% FPR, control AUC, the critic's white-box AUC when the trial's critic
-exists) and <set name>_audit_roc.png, and prints the figures. See utils/audit.py for the attack and the README
+exists) and <set name>_audit_roc.png, and prints the figures. See utils/audit.py for the attack and docs/audit.md
 for what the figures do and do not prove. --canaries turns a canary run's guesses into an epsilon lower bound
 (WGAN_<trial>_<epoch>_canary_audit.json; utils/canaries.py).
 """

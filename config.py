@@ -14,7 +14,7 @@ PRESET = os.environ.get("DPGAN_PRESET", "").strip() or "paper"
 DATA_DIR = Path(os.environ.get("DPGAN_DATA_DIR", "data"))
 WORK_DIR = Path(os.environ.get("DPGAN_WORK_DIR", "work"))
 
-# ---- Data (README "Data layout"): DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz ----
+# ---- Data (docs/real-data.md): DATA_DIR/<split>/<patient>_{img,label,mask}.nii.gz ----
 SPLITS = ("train", "val", "test", "test2")
 N_PATIENTS = {"train": 41, "val": 11, "test": 14, "test2": 65}
 # None: each split's patients are found from its folder's files (sorted ids); a dict {split: [ids]} lists them for the
@@ -25,7 +25,8 @@ VOXEL_SPACING = (0.5, 0.5, 0.7)  # mm
 PHANTOM_SEED = 2022
 EXTERNAL_SPLITS = ("test2",)  # imaged with the phantoms' other protocol (the external 1000Plus set)
 # Skull stripping, as the authors prepared their scans: image and label x brain mask wherever a volume is read
-# (patches, prediction, evaluation). False: the raw scan, skull and scalp included (README "Data preparation").
+# (patches, prediction, evaluation). False: the raw scan, skull and scalp included (docs/method.md, "Data and skull
+# stripping").
 SKULL_STRIP = True
 
 # ---- Patch extraction (step 1) ----
@@ -72,17 +73,18 @@ NOISE_MULTIPLIER = 1.0
 NOISE_MULTIPLIERS = (math.inf, 2, 1.5, 1.2, 1, 0.8, 0.725, 0.65)  # the paper's grid
 GAN_SEEDS = (12, 13, 14, 15, 16)  # 5 GANs per noise multiplier
 GAN_SEED = 12
-DP_MODE = "strict"  # "strict": valid accounting; "paper": the authors' loop (README "Strict vs paper accounting")
+# "strict": valid accounting; "paper": the authors' loop (docs/method.md, "Strict and paper accounting")
+DP_MODE = "strict"
 DELTA = None  # None: 1 / number of training patches
 DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # RDP orders (Opacus/paper)
-# Per-sample clipping engine: "bk" (utils/bookkeeping.py; the fastest on the 2-core CPU: README "Tests and
+# Per-sample clipping engine: "bk" (utils/bookkeeping.py; the fastest on the 2-core CPU: docs/performance.md, "The
 # benchmarks") or Opacus's "hooks", "functorch", "ew", "ghost". All give the same clipped, noised update (tested).
 GRAD_SAMPLE_MODE = "bk"
 # bk engine: at most this many samples per forward/backward pass of a private critic step, so that a large
 # logical batch fits a GPU (the update is the same); None: the whole batch at once.
 MAX_PHYSICAL_BATCH = None
 # Mixed precision (bfloat16 autocast) for the networks' passes, e.g. on a GPU; the private step's norms, clipping
-# and noise stay float32 (README "Speed of the private critic step"). False: float32 throughout.
+# and noise stay float32 (docs/performance.md, "For a GPU"). False: float32 throughout.
 AMP = False
 PRIVACY_UNIT = "patch"  # "patch": the paper's; "patient": patient-level DP (Poisson-sampled patients)
 BATCH_PATIENTS = 4  # --privacy_unit patient: expected patients per critic iteration
@@ -123,7 +125,8 @@ N_TSNE_IMAGES = 500  # per group
 TSNE_PERPLEXITY = 30
 FID_BATCH = 50
 FID_N_IMAGES = None  # images per set for FID (seeded random subset); None: all, as the paper
-FID_WEIGHTS = None  # None: pytorch-fid's usual file in torch's hub cache (see README)
+# None: pytorch-fid's usual file in torch's hub cache (docs/method.md, "Image quality: FID, SSIM, t-SNE")
+FID_WEIGHTS = None
 EVAL_SEED = 3
 
 # ---- The grid on a cluster (sweep.py; submitit) ----

@@ -35,7 +35,8 @@ from utils.audit import audit_paths  # noqa: E402
 
 TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, as in the paper's best model
 # The epochs on the training patches of the private GAN and of its non-private reference, both trained on from the
-# public GAN: a third of the public GAN's. Started cold, no private recipe of the study learned anything (README);
+# public GAN: a third of the public GAN's. Started cold, no private recipe of the study learned anything
+# (docs/2026-11-23-recipe-study-raw-scans.md);
 # started from public data, the DP steps adapt it to the patients, and fewer of them need less noise for the same
 # epsilon. The reference gets the same start and as many updates, so the rows compare privacy, not budgets.
 PRIVATE_EPOCHS = max(1, config.EPOCHS // 3)

@@ -1,4 +1,4 @@
-"""Step 5: evaluate the U-Nets of one training input (paper section 3.4; README "The steps, with the paper's settings").
+"""Step 5: evaluate the U-Nets of one training input (paper section 3.4; docs/method.md, "Evaluation").
 
     python eval_unet.py --trial GAN1 --epoch 49 --thresh 0.8    # U-Nets trained on a synthetic set
     python eval_unet.py --real                                  # U-Nets trained on the real patches

@@ -1,5 +1,5 @@
 """Step 2: train a (differentially private) WGAN on the training patches
-(paper sections 3.2-3.3; README "The steps, with the paper's settings").
+(paper sections 3.2-3.3; docs/cluster.md, "One GAN by hand").
 
 The authors' command works as written:
     python3 run_gan.py --trial "GAN1" --noisem 1 --max_norm_dp 1 --clip_param_W 0.01 --n_discr 5 --batch_size 32 \
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--upsampling", action=argparse.BooleanOptionalAction, default=config.UPSAMPLING,
                    help="generator variant: linear stem, nearest upsampling and 5x5 convolutions")
     p.add_argument("--dp_mode", default=config.DP_MODE,
-                   help=f"one of {', '.join(DP_MODES)} (README: Strict vs paper accounting)")
+                   help=f"one of {', '.join(DP_MODES)} (docs/method.md: Strict and paper accounting)")
     p.add_argument("--arch", default=config.ARCH, choices=("paper", "dcgan"),
                    help="networks: the paper's, or the small DCGAN pair (ngf, ndf set their widths)")
     p.add_argument("--loss", default=config.LOSS, help=f"GAN loss: one of {', '.join(LOSSES)} (wgan clips weights)")

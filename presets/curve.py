@@ -1,5 +1,5 @@
 # `make curve` (DPGAN_PRESET=curve): a privacy-utility curve at the demo's scale on a 2-core CPU in under 2 hours
-# (README "A curve that fits a laptop"): sweep.py over noise inf and three private levels, two seeds each.
+# (docs/recipes.md, "A curve that fits a laptop"): sweep.py over noise inf and three private levels, two seeds each.
 _BASE = "demo"
 # Every job trains 4 epochs (1,500 generator updates, 1,500 accounted steps); the noise multipliers give a valid
 # (strict, RDP) epsilon of about 10, 5 and 2 there (python -m utils.privacy --target_epsilon 10 --epochs 4

@@ -1,14 +1,14 @@
-# `make demo`: every step at a small scale on a 2-core CPU in under 20 minutes (measured: see README).
+# `make demo`: every step at a small scale on a 2-core CPU in under 20 minutes (measured: README, "Current results").
 N_PATIENTS = {"train": 6, "val": 2, "test": 2, "test2": 2}
 VOLUME_SHAPE = (192, 224, 48)
 # 64 x 64 patches (the paper's are 96): a GAN update costs about 0.4 of one at 96, so the GANs get 2-3 times more
 # updates in the same minutes; 64 pixels still show the U-Net enough of the skull and scalp to tell them from
-# vessels (48 did not: real-data test DSC 0.62 against 0.82 at 64; README, recipe study).
+# vessels (48 did not: real-data test DSC 0.62 against 0.82 at 64; docs/2026-11-23-recipe-study-raw-scans.md).
 PATCH_SIZE = 64
 # DP needs data: 2,000 patches per patient (1,000 vessel-centred), N = 12,000 (the paper: 1,000 per patient).
 PATCHES_PER_PATIENT = 2000
 VESSEL_PATCHES_PER_PATIENT = 1000
-# The GAN: the dcgan recipe (README "A GAN that learns on a CPU"). The paper's WGAN needs tens of thousands of
+# The GAN: the dcgan recipe (docs/recipes.md, "The dcgan recipe"). The paper's WGAN needs tens of thousands of
 # updates; this one switched its labels on after 400-900 updates in the recipe study; the demo gives it 2,250
 # (6 epochs of 375), about 6 minutes on one core while the private GAN trains on the other.
 ARCH = "dcgan"
@@ -30,12 +30,14 @@ THRESH = 0.5  # the middle of the label scale: raw label output > 0
 NR_E_SKIPPED = 1
 UNET_KERNELS = (8, 16, 32, 64, 128)
 # 2 epochs of 2 N / batch = 750 steps: after one epoch whether a U-Net had learned that the bright scalp outside the
-# brain is no vessel depended on its seed (test DSC 0.754-0.853); after two the low ones were gone (README)
+# brain is no vessel depended on its seed (test DSC 0.754-0.853); after two the low ones were gone
+# (docs/2026-11-22-unet-training.md)
 UNET_EPOCHS = 2
 UNET_BATCH_SIZE = 32
 # 1e-3, started at the prior (config.UNET_START_AT_PRIOR): from p = 0.5, lr 1e-3 threw the U-Net into the soft
-# Dice's all-zero output on one CPU (issue 12) and 3e-4 threw it onto non-vessel pixels on synthetic pairs; from
-# the prior neither happens, and 1e-3 reaches in 225 steps what 3e-4 did in 600 (studies/unet_seed_study.py; README).
+# Dice's all-zero output on one CPU and 3e-4 threw it onto non-vessel pixels on synthetic pairs; from
+# the prior neither happens, and 1e-3 reaches in 225 steps what 3e-4 did in 600 (studies/unet_seed_study.py;
+# docs/2026-11-22-unet-training.md).
 UNET_LEARNING_RATES = (1e-3,)
 UNET_DROPOUTS = (0.0,)
 # Augmentation (rotation, vertical flip, shear; the paper's grid has it): on skull-stripped phantoms it lifted the

@@ -1,4 +1,4 @@
-"""Recipe study of the demo's GANs on skull-stripped phantoms (issue 24): which private recipe teaches a U-Net most
+"""Recipe study of the demo's GANs on skull-stripped phantoms: which private recipe teaches a U-Net most
 at a valid epsilon <= 8, against its non-private reference with the same start and updates.
 
 Each row trains one GAN on the demo's training patches (run_gan.py with the row's flags, the noise multiplier from

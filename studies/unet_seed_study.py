@@ -1,4 +1,4 @@
-"""Seed study of the U-Net trained on the real patches (issue 12): how much its test DSC moves with the seeds,
+"""Seed study of the U-Net trained on the real patches: how much its test DSC moves with the seeds,
 and whether any U-Net collapses (predicts no vessel; see utils/unet.py HISTORY_FIELDS and utils/evaluation.py).
 
 A CPU's rounding acts like another seed, so robustness is measured over seeds. For every phantom seed it writes

@@ -1,4 +1,4 @@
-"""Empirical privacy audit of a released synthetic set: membership inference (SPEC "Auditing").
+"""Empirical privacy audit of a released synthetic set: membership inference (docs/audit.md).
 
 Threat model: the attacker holds the released synthetic pairs (black box: nothing else) and a patch whose
 membership in the GAN's training set he wants to decide; for the white-box attack (LOGAN, Hayes et al. 2019) he

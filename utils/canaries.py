@@ -1,4 +1,4 @@
-"""One-run privacy audit of DP training with canaries (Steinke, Nasr and Jagielski 2023; SPEC "Auditing").
+"""One-run privacy audit of DP training with canaries (Steinke, Nasr and Jagielski 2023; docs/audit.md).
 
 run_gan.py --audit_canaries M makes M canary pairs and includes each in the training set independently with
 probability 1/2; audit_privacy.py --canaries scores every canary with the trained critic (white box) and by its

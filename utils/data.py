@@ -5,7 +5,7 @@ real-data.md). Every problem with the data becomes one PipelineError that names 
 wrong, so a script can stop before it writes anything; survey_data collects every problem of a data folder from the
 headers instead (`python extract_patches.py --check`).
 
-Preparation, as the authors did (README, "Data preparation: skull stripping"): with config.SKULL_STRIP the image and the
+Preparation, as the authors did (docs/method.md, "Data and skull stripping"): with config.SKULL_STRIP the image and the
 label are multiplied by the brain mask as the volume is loaded, so every patch, prediction and score sees the brain
 only, never the skull and the bright scalp fat of a raw TOF-MRA scan. Every output that derives from volumes
 records whether they were stripped (`skull_stripped`), and a U-Net refuses volumes prepared otherwise than the

@@ -45,7 +45,7 @@ def make_private_critic(critic, optimizer, n_units, sample_rate, batch_units, no
     """Wrap the critic and its optimizer with Opacus; returns (critic, dp_optimizer, engine, sampler).
 
     Units are patches (privacy unit patch) or patients. The loader is Opacus's Poisson DPDataLoader over the
-    n_units at rate q = sample_rate (batch / N, SPEC); its sampler draws the batches. make_private itself would derive
+    n_units at rate q = sample_rate (batch / N); its sampler draws the batches. make_private itself would derive
     q = 1 / len(loader) and the expected batch int(N q) from a plain loader: 1 / ceil(N / batch) and 31 for
     the paper's N = 41,000 and batch 32. So the loader is built at q here and the accountant's hook and the
     mean's denominator are set to q and batch: the mechanism run is the one the accountant counts.

@@ -1,4 +1,4 @@
-"""The evaluation metrics of SPEC "Evaluation", each a plain function on arrays.
+"""The evaluation metrics of docs/method.md, "Evaluation", each a plain function on arrays.
 
 Segmentation: `dice`, `balanced_average_hausdorff`. Generated images: `mean_pairwise_ssim` (mode collapse),
 FID with pytorch-fid's Inception-v3 (`fid_status`, `inception_model`, `inception_features`, `frechet_distance`)

@@ -4,7 +4,7 @@ RDP (`opacus.accountants.RDPAccountant`) is the paper's accountant and the defau
 (`opacus.accountants.PRVAccountant`, Gopi et al. 2021) computes the privacy loss distribution numerically and
 gives a tighter epsilon for the same history (its upper estimate is reported). Both are shown side by side.
 
-Two mechanisms (SPEC, "DP-WGAN"):
+Two mechanisms (docs/method.md, "Strict and paper accounting"):
 - strict: every critic iteration draws a fresh Poisson batch (rate q = batch / N) and takes one clipped,
   noised step on it: epochs x steps_per_epoch x n_discr subsampled Gaussian steps with noise sigma.
 - paper: the authors' loop reuses one Poisson batch for the n_discr critic iterations of a generator update
@@ -234,10 +234,10 @@ PATIENT_TABLE = {"patients": (41, 200, 1000), "epsilons": (1, 4, 10), "iteration
 
 
 def patient_cost_rows(batch_fraction=0.25, ndf=16, n_discr=None):
-    """Rows of the README's patient-level cost table: for every (patients P, critic iterations, epsilon), the noise
-    multiplier for a valid patient-level epsilon at delta 1/P with b = round(batch_fraction P) patients per
-    iteration, and the noise-to-signal ratio per step for the critic of width ndf; the patch-level figure
-    (41,000 patches, batch 32) beside it."""
+    """Rows of the patient-level cost table (docs/patient-level-dp.md, "What it costs"): for every (patients P,
+    critic iterations, epsilon), the noise multiplier for a valid patient-level epsilon at delta 1/P with
+    b = round(batch_fraction P) patients per iteration, and the noise-to-signal ratio per step for the critic of
+    width ndf; the patch-level figure (41,000 patches, batch 32) beside it."""
     n_discr = n_discr or config.N_DISCR
     d = critic_parameters(ndf)
     rows = []
@@ -262,7 +262,8 @@ def main(argv=None):
     which.add_argument("--noisem", type=float, help="noise multiplier (inf: non-private)")
     which.add_argument("--target_epsilon", type=float, help="find the noise multiplier reaching this valid epsilon")
     which.add_argument("--patient_cost_table", action="store_true",
-                       help="print the README's table: noise and noise-to-signal for patient-level epsilon 1, 4, 10")
+                       help="print the table of docs/patient-level-dp.md: noise and noise-to-signal for "
+                            "patient-level epsilon 1, 4, 10")
     p.add_argument("--epochs", type=float, default=config.EPOCHS)
     p.add_argument("--batch_size", type=int, default=config.BATCH_SIZE)
     p.add_argument("--n_samples", type=int, default=config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT)

@@ -1,5 +1,5 @@
-"""The release bundle: exactly what may leave the hospital, and a statement of its guarantee (SPEC "What may be
-released").
+"""The release bundle: exactly what may leave the hospital, and a statement of its guarantee (docs/privacy.md, "The
+release bundle: what may leave the hospital").
 
 WORK_DIR/release/<set name>/ holds four files and nothing else:
 - synthetic.npz: the synthetic image and label arrays (as the synthetic set);

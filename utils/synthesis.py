@@ -1,4 +1,4 @@
-"""Step 3: draw image-label pairs from a trained generator (SPEC "Synthesis").
+"""Step 3: draw image-label pairs from a trained generator (docs/method.md, "Synthesis").
 
 The label threshold compares the generator's RAW label output (tanh, in [-1, 1]) with `thresh`:
 label = 1 where output > thresh, else 0. The critic only ever saw real label channels of 0 and 1 (they
@@ -13,7 +13,7 @@ averaging is post-processing of the DP outputs and usually gives cleaner samples
 
 The image channel is min-max scaled per patch to [0, 255], the U-Net's input scale.
 
-Selection is part of the mechanism (SPEC): --epoch 9999 chooses by looking at every logged epoch's generator
+Selection is part of the mechanism (docs/privacy.md): --epoch 9999 chooses by looking at every logged epoch's generator
 loss, which depends on every epoch's critic, so the set carries the epsilon of the last epoch the choice looked
 at, not that of the chosen epoch. An explicitly named epoch carries its own. The same holds among runs: a set
 picked among several runs on the same patients by looking at their results (--chosen_from) carries the epsilon

@@ -1,6 +1,7 @@
-"""Step 4: train the half U-Nets (Livne et al. 2019) of the grid on real or synthetic patches (SPEC "U-Net").
+"""Step 4: train the half U-Nets (Livne et al. 2019) of the grid on real or synthetic patches (docs/method.md,
+"U-Net training").
 
-Choices, where the SPEC leaves room:
+Choices, where the paper leaves room (docs/design-choices.md):
 - Input: `prepare_input` scales every patch min-max to [0, 255] and standardises it by the mean and SD of the
   min-max scaled training images (stored in model.pt and meta.json), for real and synthetic patches alike.
 - Loss: negative soft Dice with smooth 1 over the whole batch flattened, as the authors' Keras code did:
