@@ -183,3 +183,24 @@ def test_a_prv_search_out_of_reach_is_refused_naming_the_flags(capsys):
 def test_prv_is_still_computed_for_a_paper_scale_run():
     history = [(0.65, 32 / 41_000, 64_050 * 5)]
     assert privacy.prv_out_of_reach(history, 1 / 41_000) is None  # 4.5 million points: seconds
+
+
+def test_a_runs_record_always_has_its_prv_epsilon_and_only_plans_skip_it(monkeypatch):
+    """The trial's log, the release and a pick compute the PRV epsilon whatever the grid; the calculator alone skips
+    a grid out of reach and says why."""
+    history = [(1.0, 0.01, 500)]
+    monkeypatch.setattr(privacy, "PRV_MAX_POINTS", 10)  # every grid is "out of reach"
+    recorded = privacy.guarantee(history, 1e-5, prv=True)
+    assert recorded["epsilon_valid_prv"] == pytest.approx(privacy.epsilon_from_history(history, 1e-5, "prv"))
+    planned = privacy.guarantee(history, 1e-5, prv="in_reach")
+    assert planned["epsilon_valid_prv"] is None and "not computed" in planned["epsilon_valid_prv_note"]
+    assert planned["epsilon_valid"] == recorded["epsilon_valid"]
+
+
+def test_paper_modes_valid_bound_needs_the_runs_critic_iterations():
+    counted = privacy.paper_reported_history(1.0, 0.01, 100, 5)
+    with pytest.raises(ValueError, match="n_discr"):
+        privacy.guarantee(counted, 1e-5, "paper", 1.0, 0.01, 100)
+    valid = privacy.guarantee(counted, 1e-5, "paper", 1.0, 0.01, 100, n_discr=5, prv=False)
+    assert valid["history"] == [[1.0 / 5 ** 0.5, 0.01, 100]] and valid["steps_counted"] == 1000
+    assert valid["epsilon_valid"] > valid["epsilon"]  # the paper's count understates the loop's privacy loss

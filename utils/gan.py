@@ -381,7 +381,7 @@ class GanTrial:
                           "network weights")
         g = self.guarantee(prv=True)
         epsilon, epsilon_valid = g["epsilon"], g["epsilon_valid"]
-        epsilon_prv = math.nan if g["epsilon_valid_prv"] is None else g["epsilon_valid_prv"]  # PRV out of reach
+        epsilon_prv = g["epsilon_valid_prv"]
         row = {"epoch": epoch, **self.epoch_means(), "epsilon": epsilon, "epsilon_valid": epsilon_valid,
                "epsilon_valid_prv": epsilon_prv, "steps": self.accounted_steps(), "seconds": time.time() - self.started}
         checkpoint = {  # the state at the epoch's end, RNG states included, taken before anything else runs

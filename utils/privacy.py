@@ -120,7 +120,7 @@ def check_settings(noisem=None, batch_size=None, n_samples=None, n_discr=None, d
 
 
 def guarantee(counted, delta, dp_mode="strict", noise_multiplier=math.inf, sample_rate=None, generator_updates=0,
-              n_discr=1, group_size=None, prv=True):
+              n_discr=None, group_size=None, prv=True):
     """Every epsilon the project prints for one run (or a pick among runs), from its accountant history: the one
     place that turns a history into guarantees. The trial's progress and log, the calculator, the release, the
     comparison and the audit all call it.
@@ -129,8 +129,9 @@ def guarantee(counted, delta, dp_mode="strict", noise_multiplier=math.inf, sampl
     a non-private run (noise inf: every epsilon inf). dp_mode "paper": the counted history is the paper's number,
     not a valid bound; the valid one is rebuilt from noise_multiplier, sample_rate, generator_updates and n_discr
     (valid_paper_history). group_size: the most patches one patient contributes (1 for patient-level DP), for the
-    per-patient statement. prv: also the PRV epsilon, unless Opacus's PRV accountant is out of reach for the history
-    (prv_out_of_reach: then None and a note).
+    per-patient statement. prv: True, also the PRV epsilon (a run's record: always computed, however long it takes);
+    "in_reach", the PRV epsilon unless Opacus's PRV accountant is out of reach for the history (the calculator's
+    plans: then None and a note, prv_out_of_reach); False, none.
 
     Returns epsilon (as counted), epsilon_valid (RDP), epsilon_valid_prv (and epsilon_valid_prv_note), steps_counted,
     steps_valid, history (the valid history, which a pick among runs composes) and, with group_size, per_patient."""
@@ -139,6 +140,8 @@ def guarantee(counted, delta, dp_mode="strict", noise_multiplier=math.inf, sampl
                   "steps_valid": 0, "history": []}
     else:
         counted = [tuple(h) for h in counted]
+        if dp_mode != "strict" and n_discr is None:
+            raise ValueError("paper mode's valid bound needs the run's n_discr (critic iterations per update)")
         valid = counted if dp_mode == "strict" else valid_paper_history(noise_multiplier, sample_rate,
                                                                          generator_updates, n_discr)
         epsilon = epsilon_from_history(counted, delta)
@@ -146,7 +149,7 @@ def guarantee(counted, delta, dp_mode="strict", noise_multiplier=math.inf, sampl
                   epsilon_from_history(valid, delta), "steps_counted": sum(h[2] for h in counted),
                   "steps_valid": sum(h[2] for h in valid), "history": [list(h) for h in valid]}
         if prv:
-            skipped = prv_out_of_reach(valid, delta)
+            skipped = prv_out_of_reach(valid, delta) if prv == "in_reach" else None
             result["epsilon_valid_prv"] = None if skipped else epsilon_from_history(valid, delta, "prv")
             if skipped:
                 result["epsilon_valid_prv_note"] = skipped
@@ -171,7 +174,7 @@ def gan_privacy(noisem, epochs, batch_size, n_samples, n_discr, dp_mode="strict"
     counted = None if math.isinf(noisem) else (strict_history if dp_mode == "strict" else paper_reported_history)(
         noisem, sample_rate, updates, n_discr)
     result = guarantee(counted, delta, dp_mode, noisem, sample_rate, updates, n_discr,
-                       group_size=patches_per_patient or config.PATCHES_PER_PATIENT)
+                       group_size=patches_per_patient or config.PATCHES_PER_PATIENT, prv="in_reach")
     return {"noise_multiplier": noisem, "dp_mode": dp_mode, "epochs": epochs, "batch_size": batch_size,
             "n_samples": n_samples, "n_discr": n_discr, "sample_rate": sample_rate, "delta": delta,
             "generator_updates": updates, "epsilon": result["epsilon"], "epsilon_valid": result["epsilon_valid"],

@@ -63,7 +63,7 @@ def trial_privacy(trial, trial_config, epoch):
            "trial": trial, "epoch": epoch}
     out["delta_rule"] = delta_rule(delta, out["privacy_unit"], trial_config.get("n_accounted", out["n_units"]))
     g = privacy.guarantee(None if math.isinf(noisem) else accountant["history"], delta, dp_mode, noisem, rate,
-                          accountant["generator_updates"], args.get("n_discr", 1))
+                          accountant["generator_updates"], args.get("n_discr"))
     return {**out, **{k: g[k] for k in ("epsilon", "epsilon_valid", "epsilon_valid_prv", "history")},
             "steps": g["steps_valid"]}
 
