@@ -47,6 +47,8 @@ RECIPES = {
     "public": ("the public GAN alone: no training on the patients", None, config.EPOCHS, False, False),
     "np_b128": ("non-private reference: public start, n_D 1, batch 128, 2 epochs", ["--batch_size", "128"], 2, False,
                 True),
+    "np_b128_lr4": ("non-private reference at a quarter of the learning rate: public start, n_D 1, batch 128, 2 epochs",
+                    ["--batch_size", "128", "--lrd", "5e-5", "--lrg", "5e-5"], 2, False, True),
     "np_ref_4ep": ("non-private reference: public start, n_D 1, batch 32, 4 epochs", [], 4, False, True),
     "p_nd1_4ep": ("n_D 1, batch 32, 4 epochs", [], 4, True, True),
     "np_ref": ("non-private reference: public start, n_D 1, batch 32, 2 epochs", [], 2, False, True),
