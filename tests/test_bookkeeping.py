@@ -10,8 +10,6 @@ from torch import nn
 from model import DCGANCritic, Discriminator
 from utils import bookkeeping
 
-torch.set_num_threads(1)
-
 
 def unit_gradients(critic, batch, sign, k=1):
     """Each unit's gradient of the mean of its k samples' terms sign * D(x), one autograd call per unit."""

@@ -20,7 +20,6 @@ from utils.gan_data import scale_pairs
 from utils.privacy import steps_per_epoch
 from utils.release import release_dir
 
-torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
 
 
@@ -115,8 +114,8 @@ def test_scores_that_know_the_inclusion_give_a_large_bound_and_random_ones_none(
 N_PATCHES = 48
 
 
-@pytest.fixture
-def work(dirs):
+def write_patches():
+    """N_PATCHES noise patches of two patients, with sparse labels."""
     rng = np.random.default_rng(0)
     size = config.PATCH_SIZE
     path = patches_path("train")
@@ -124,7 +123,22 @@ def work(dirs):
     save_npz(path, img=rng.normal(100, 20, (N_PATCHES, size, size)).astype(np.float32),
              label=(rng.random((N_PATCHES, size, size)) < 0.05).astype(np.uint8),
              patient=np.array(["p0", "p1"] * (N_PATCHES // 2)), centre=np.zeros((N_PATCHES, 3), np.int32))
+
+
+@pytest.fixture
+def work(dirs):
+    write_patches()
     return dirs[1]
+
+
+@pytest.fixture(scope="module")
+def plain_trial(shared_folder):
+    """A run without canaries (non-private, one epoch), trained once; the tests that audit it copy it."""
+    def build():
+        write_patches()
+        run_gan.main(["--trial", "plain", "--epochs", "1", "--noisem", "inf"])
+
+    return shared_folder("plain_trial", build)[0]
 
 
 def test_a_canary_run_trains_on_the_included_canaries_accounts_for_them_and_is_never_released(work, capsys):
@@ -187,8 +201,8 @@ def test_a_synthetic_set_that_copies_the_included_canaries_is_caught(work, monke
     (["--canaries", "--epoch", "0"], "give --trial and --epoch"),
     (["--canaries", "--trial", "plain", "--epoch", "0"], "was not trained with run_gan.py --audit_canaries"),
 ])
-def test_the_canary_audit_refuses_bad_input_before_writing(work, capsys, argv, message):
-    run_gan.main(["--trial", "plain", "--epochs", "1", "--noisem", "inf"])
+def test_the_canary_audit_refuses_bad_input_before_writing(plain_trial, copy_shared, capsys, argv, message):
+    copy_shared(plain_trial)
     with pytest.raises(SystemExit):
         audit_privacy.main(argv)
     assert message in capsys.readouterr().err

@@ -1,12 +1,13 @@
-"""DP-WGAN training (run_gan.py, utils/gan.py): the private critic step, accounting, outputs, resume, errors."""
+"""DP-WGAN training (run_gan.py, utils/gan.py: GanTrial): accounting, outputs, resume and its repairs, the public
+start, patient-level runs, the dcgan recipe, errors. The steps themselves: tests/test_gan_steps.py."""
 
-import copy
 import csv
 import json
 import math
 import os
 import shutil
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,12 +16,10 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 import config
 import run_gan
-from model import Discriminator, Generator
-from utils import bookkeeping, gan, gan_checkpoints, gan_data, gan_log, gan_steps
+from utils import bookkeeping, gan, gan_checkpoints, gan_data, gan_log
 from utils.common import gan_model_dir, gan_results_dir, patches_path
 from utils.privacy import gan_privacy, steps_per_epoch
 
-torch.set_num_threads(1)  # the test machine's cores are shared: extra threads only spin
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
 
 N_PATCHES = 32  # tiny preset: batch 8 -> 4 generator updates per epoch, n_discr 2
@@ -48,17 +47,21 @@ def work(dirs):
     return dirs[1]
 
 
-@pytest.fixture
-def dp_steps(monkeypatch):
+def count_dp_steps(patch):
     """Counts the DP optimizers' noisy steps (pre_step runs clipping, noise and the accountant hook), Opacus's
-    per-sample one and the one for ready-clipped sums (bk, ghost)."""
+    per-sample one and the one for ready-clipped sums (bk, ghost), while `patch` (a MonkeyPatch) is active."""
     calls = []
     for cls in (DPOptimizer, DPOptimizerFastGradientClipping):
         def counting(self, *args, _original=cls.pre_step, **kwargs):
             calls.append(1)
             return _original(self, *args, **kwargs)
-        monkeypatch.setattr(cls, "pre_step", counting)
+        patch.setattr(cls, "pre_step", counting)
     return calls
+
+
+@pytest.fixture
+def dp_steps(monkeypatch):
+    return count_dp_steps(monkeypatch)
 
 
 def train(*flags):
@@ -70,10 +73,44 @@ def log_rows(trial="t"):
         return list(csv.DictReader(f))
 
 
-def test_one_strict_epoch_writes_every_output_and_accounts_each_noisy_step(work, dp_steps):
-    trial = train("--epochs", "1")
+# ---- trials that several tests read, trained once (a test that changes one works on its copy: copy_shared) ----
+def trained_once(shared_folder, name, *flags):
+    """Trial "t" trained with `flags` on write_patches() in a shared folder: its folder (root), the run's GanTrial
+    (trial), its noisy steps (dp_steps), log.csv (log) and model folder (models)."""
+    def build():
+        write_patches()
+        with pytest.MonkeyPatch.context() as patch:
+            steps = count_dp_steps(patch)
+            trial = train(*flags)
+        return SimpleNamespace(trial=trial, dp_steps=len(steps), log=log_rows(), models=gan_model_dir("t"))
+    root, run = shared_folder(name, build)
+    run.root = root
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_epoch(shared_folder):
+    """One epoch of the default run (noise 1, strict)."""
+    return trained_once(shared_folder, "one_epoch", "--epochs", "1")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(shared_folder):
+    """Two epochs of the default run, uninterrupted."""
+    return trained_once(shared_folder, "two_epochs", "--epochs", "2")
+
+
+@pytest.fixture(scope="module")
+def non_private(shared_folder):
+    """One epoch without noise."""
+    return trained_once(shared_folder, "non_private", "--epochs", "1", "--noisem", "inf")
+
+
+def test_one_strict_epoch_writes_every_output_and_accounts_each_noisy_step(one_epoch, copy_shared):
+    copy_shared(one_epoch.root)
+    trial, noisy_steps = one_epoch.trial, one_epoch.dp_steps
     updates = steps_per_epoch(N_PATCHES, config.BATCH_SIZE)
-    assert len(dp_steps) == updates * config.N_DISCR == trial.accounted_steps()
+    assert noisy_steps == updates * config.N_DISCR == trial.accounted_steps()
 
     results, models = gan_results_dir("t"), gan_model_dir("t")
     for name in ("config.json", "log.csv", "losses.png", "epsilon.png", "samples_epoch_0.png"):
@@ -83,7 +120,7 @@ def test_one_strict_epoch_writes_every_output_and_accounts_each_noisy_step(work,
     expected = gan_privacy(1.0, 1, config.BATCH_SIZE, N_PATCHES, config.N_DISCR, "strict")
     assert float(rows[0]["epsilon"]) == pytest.approx(expected["epsilon"], rel=1e-9)
     assert float(rows[0]["epsilon_valid"]) == float(rows[0]["epsilon"])
-    assert int(rows[0]["steps"]) == expected["steps"] == len(dp_steps)
+    assert int(rows[0]["steps"]) == expected["steps"] == noisy_steps
     assert float(rows[0]["wasserstein"]) == pytest.approx(float(rows[0]["d_real"]) - float(rows[0]["d_fake"]))
 
     stored = json.loads((results / "config.json").read_text())
@@ -98,7 +135,7 @@ def test_one_strict_epoch_writes_every_output_and_accounts_each_noisy_step(work,
     g.load_state_dict(checkpoint["generator"])
     d.load_state_dict(checkpoint["discriminator"])
     assert max(p.abs().max().item() for p in d.parameters()) <= config.CLIP_PARAM_W
-    assert checkpoint["accountant"]["history"] == [(1.0, config.BATCH_SIZE / N_PATCHES, len(dp_steps))]
+    assert checkpoint["accountant"]["history"] == [(1.0, config.BATCH_SIZE / N_PATCHES, noisy_steps)]
 
 
 def test_paper_mode_counts_two_steps_per_critic_iteration_and_reports_the_valid_epsilon(work, dp_steps):
@@ -130,67 +167,50 @@ def test_a_run_whose_poisson_draws_are_empty_trains_and_counts_each_as_a_noisy_s
     assert math.isfinite(float(log_rows()[0]["loss_d"]))
 
 
-def test_non_private_run_has_infinite_epsilon_and_no_noisy_steps(work, dp_steps):
-    train("--epochs", "1", "--noisem", "inf")
-    row = log_rows()[0]
+def test_non_private_run_has_infinite_epsilon_and_no_noisy_steps(non_private):
+    row = non_private.log[0]
     assert row["epsilon"] == row["epsilon_valid"] == "inf" and row["steps"] == "0"
-    assert dp_steps == []
+    assert non_private.dp_steps == 0
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(work, capsys):
-    straight = train("--trial", "a", "--epochs", "2")
-    train("--trial", "b", "--epochs", "1")
-    resumed = train("--trial", "b", "--epochs", "2", "--resume")
+def test_resume_continues_exactly_like_an_uninterrupted_run(one_epoch, two_epochs, copy_shared, capsys):
+    copy_shared(one_epoch.root)
+    resumed = train("--epochs", "2", "--resume")
     assert resumed.start_epoch == 1
-    assert resumed.engine.accountant.history == straight.engine.accountant.history
-    assert log_rows("a")[1]["epsilon"] == log_rows("b")[1]["epsilon"] and len(log_rows("b")) == 2
+    assert resumed.engine.accountant.history == two_epochs.trial.engine.accountant.history
+    assert two_epochs.log[1]["epsilon"] == log_rows()[1]["epsilon"] and len(log_rows()) == 2
     for name in ("generator", "discriminator"):
-        a = gan_checkpoints.load_checkpoint(gan_model_dir("a") / "epoch_1.pth")[name]
-        b = gan_checkpoints.load_checkpoint(gan_model_dir("b") / "epoch_1.pth")[name]
-        assert all(torch.equal(a[k], b[k]) for k in a), name  # RNG states restored: the same batches and noise
+        straight = gan_checkpoints.load_checkpoint(two_epochs.models / "epoch_1.pth")[name]
+        continued = gan_checkpoints.load_checkpoint(gan_model_dir("t") / "epoch_1.pth")[name]
+        # RNG states restored: the same batches and noise
+        assert all(torch.equal(straight[k], continued[k]) for k in straight), name
     capsys.readouterr()
-    train("--trial", "b", "--epochs", "2", "--resume")
+    train("--epochs", "2", "--resume")
     assert "all 2 epochs are done" in capsys.readouterr().out
 
 
-def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(work, monkeypatch):
-    whole = train("--trial", "whole", "--epochs", "1")
+def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(one_epoch, work, monkeypatch):
     sizes = []
     original = bookkeeping._clip_physical_batch
     monkeypatch.setattr(bookkeeping, "_clip_physical_batch", lambda critic, batch, *a: sizes.append(len(batch))
                         or original(critic, batch, *a))
     chunked = train("--trial", "chunked", "--epochs", "1", "--max_physical_batch", "3")
     assert max(sizes) == 3 and len(sizes) > 2 * chunked.accounted_steps()  # batch 8 + 8: 6 passes a step
-    assert chunked.engine.accountant.history == whole.engine.accountant.history
+    assert chunked.engine.accountant.history == one_epoch.trial.engine.accountant.history  # the same run, whole
     assert json.loads((gan_results_dir("chunked") / "config.json").read_text())["args"]["max_physical_batch"] == 3
 
 
-def test_a_mixed_precision_run_trains_in_float32_weights_and_accounts_as_a_float32_run(work, monkeypatch):
+def test_a_mixed_precision_run_trains_in_float32_weights_and_accounts_as_a_float32_run(one_epoch, work,
+                                                                                       monkeypatch):
     passes = []  # whether autocast was on in each private critic pass
     original = bookkeeping.clipped_gradient_sum
     monkeypatch.setattr(bookkeeping, "clipped_gradient_sum", lambda *a: passes.append(
         torch.is_autocast_enabled("cpu")) or original(*a))
     amp = train("--trial", "amp", "--epochs", "1", "--amp")
     assert passes and all(passes)
-    full = train("--trial", "full", "--epochs", "1")
-    assert amp.engine.accountant.history == full.engine.accountant.history
+    assert amp.engine.accountant.history == one_epoch.trial.engine.accountant.history  # the same run in float32
     assert all(p.dtype == torch.float32 for p in amp.parameters())
     assert math.isfinite(float(log_rows("amp")[0]["loss_d"]))
-
-
-def test_a_private_step_in_physical_batches_is_the_one_pass_update_with_the_same_noise_draw():
-    d, _, data = tiny_critic()
-    updates = []
-    for max_physical_batch in (None, 4):
-        critic = copy.deepcopy(d)
-        start = [p.detach().clone() for p in critic.parameters()]
-        private, dp_opt, _, _ = gan_steps.make_private_critic(critic, torch.optim.SGD(critic.parameters(), lr=1.0),
-                                                        len(data), 8 / len(data), 8, 1.3, 0.05, "bk",
-                                                        noise_generator=torch.Generator().manual_seed(5))
-        gan_steps.private_critic_step(private, dp_opt, data[:5], data[8:16], clip_param_w=None, loss="hinge",
-                                max_physical_batch=max_physical_batch)
-        updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)]))
-    torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-6)
 
 
 def expect_error(capsys, *flags):
@@ -200,17 +220,17 @@ def expect_error(capsys, *flags):
     return capsys.readouterr().err
 
 
-def test_existing_trial_is_refused_without_resume(work, capsys):
-    train("--epochs", "1")
+def test_existing_trial_is_refused_without_resume(one_epoch, copy_shared, capsys):
+    copy_shared(one_epoch.root)
     config_json = gan_results_dir("t") / "config.json"
     before = config_json.read_bytes(), (gan_model_dir("t") / "epoch_0.pth").read_bytes()
     assert "exists already" in expect_error(capsys, "--epochs", "1")
     assert (config_json.read_bytes(), (gan_model_dir("t") / "epoch_0.pth").read_bytes()) == before
 
 
-def test_resume_refuses_other_settings_and_missing_trials(work, capsys):
-    assert "nothing to resume" in expect_error(capsys, "--resume")
-    train("--epochs", "1")
+def test_resume_refuses_other_settings_and_missing_trials(one_epoch, copy_shared, capsys):
+    copy_shared(one_epoch.root)
+    assert "nothing to resume" in expect_error(capsys, "--trial", "new", "--resume")
     err = expect_error(capsys, "--resume", "--noisem", "2", "--ndf", "4")
     assert "--noisem 2.0" in err and "--ndf 4" in err
 
@@ -240,155 +260,14 @@ def test_missing_patches_file_says_to_extract_patches_first(dirs, capsys):
     assert "run extract_patches.py first" in expect_error(capsys)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(work, capsys, monkeypatch):
-    train("--epochs", "1")
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(one_epoch, copy_shared, capsys, monkeypatch):
+    copy_shared(one_epoch.root)
     good = (gan_model_dir("t") / "epoch_0.pth").read_bytes()
     monkeypatch.setattr(gan.GanTrial, "fake_batch", lambda self: torch.full((8, 2, 96, 96), math.nan))
     err = expect_error(capsys, "--epochs", "2", "--resume")
     assert "not finite" in err and "epoch_0.pth (epoch 0)" in err
     assert (gan_model_dir("t") / "epoch_0.pth").read_bytes() == good
     assert not (gan_model_dir("t") / "epoch_1.pth").exists() and len(log_rows()) == 1
-
-
-# ---- the mechanism, on a tiny critic with a fixed batch ----
-def tiny_critic(zero_weights=False):
-    """A tiny critic, an untouched copy of it and 16 random inputs."""
-    torch.manual_seed(0)
-    d = Discriminator(ndf=4)
-    if zero_weights:
-        for p in d.parameters():
-            torch.nn.init.zeros_(p)
-    return d, copy.deepcopy(d), torch.randn(16, 2, 96, 96)
-
-
-def privatise(d, data, noise_multiplier, max_grad_norm, batch_size=8, mode="hooks"):
-    opt = torch.optim.SGD(d.parameters(), lr=1.0)  # the step is minus the gradient the optimizer receives
-    return gan_steps.make_private_critic(d, opt, len(data), batch_size / len(data), batch_size, noise_multiplier,
-                                   max_grad_norm, mode)
-
-
-def per_sample_gradients(critic, samples, sign):
-    params = list(critic.parameters())
-    return [torch.autograd.grad(sign * critic(x[None]).mean(), params) for x in samples]
-
-
-def global_norm(grads):
-    return torch.sqrt(sum((g ** 2).sum() for g in grads))
-
-
-@pytest.mark.parametrize("mode", gan_steps.GRAD_SAMPLE_MODES)
-def test_noiseless_private_step_is_the_clipped_real_and_fake_gradients_summed_over_the_expected_batch(mode):
-    batch_size = 8
-    d, bare, data = tiny_critic()
-    real, fake = data[:5], data[8:16]  # 5 real samples (a Poisson batch), B = 8 fake ones; divisor B = 8
-    per_sample = per_sample_gradients(bare, real, -1) + per_sample_gradients(bare, fake, +1)
-    norms = torch.stack([global_norm(g) for g in per_sample])
-    max_norm = norms.median().item()  # some samples of each half are clipped, some are not
-    assert (norms[:5] > max_norm).any() and (norms[5:] > max_norm).any() and (norms[5:] < max_norm).any()
-    expected = []
-    for i, p in enumerate(bare.parameters()):
-        clipped = sum(g[i] * min(1.0, max_norm / (n.item() + 1e-6)) for g, n in zip(per_sample, norms))
-        expected.append(p.detach() - clipped / batch_size)
-
-    private, dp_opt, engine, _ = privatise(d, data, 0.0, max_norm, batch_size, mode)
-    real_scores, fake_scores, diagnostics = gan_steps.private_critic_step(private, dp_opt, real, fake, clip_param_w=1e6)
-    for p, e in zip(d.parameters(), expected):
-        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
-    assert engine.accountant.history == [(0.0, batch_size / len(data), 1)]  # one step for real and fake together
-    assert real_scores.shape == (5,) and fake_scores.shape == (8,)
-    median, clipped, noise_to_signal = diagnostics.tolist()
-    assert median == pytest.approx(norms.median().item(), rel=1e-3)
-    assert clipped == pytest.approx((norms > max_norm).float().mean().item())
-    assert noise_to_signal == pytest.approx(0.0, abs=1e-5)
-
-
-def test_private_critic_samples_and_accounts_at_rate_batch_over_n_when_batch_does_not_divide_n():
-    d, _, data = tiny_critic()
-    private, dp_opt, engine, sampler = privatise(d, data[:13], 1.0, 1.0, batch_size=4)
-    assert sampler.sample_rate == 4 / 13 and dp_opt.expected_batch_size == 4
-    gan_steps.private_critic_step(private, dp_opt, data[:4], data[8:11], clip_param_w=1.0)
-    assert engine.accountant.history == [(1.0, 4 / 13, 1)]
-
-
-@pytest.mark.parametrize("mode", ["bk", "hooks"])
-@pytest.mark.parametrize("n_real", [5, 0])
-def test_private_step_noise_has_sd_sigma_c_over_b_and_an_empty_batch_is_one_counted_step(n_real, mode):
-    sigma, max_norm, batch_size = 2.0, 0.5, 8
-    # All-zero weights: every gradient is exactly zero, so the step is the noise / B alone.
-    d, _, data = tiny_critic(zero_weights=True)
-    private, dp_opt, engine, _ = privatise(d, data, sigma, max_norm, batch_size, mode)
-    diagnostics = gan_steps.private_critic_step(private, dp_opt, data[:n_real], data[8:11], clip_param_w=1e6)[2]
-    step = torch.cat([p.detach().flatten() for p in d.parameters()])
-    assert len(step) > 40000
-    sd = sigma * max_norm / batch_size
-    assert step.std().item() == pytest.approx(sd, rel=0.02) and abs(step.mean().item()) < 0.05 * sd
-    assert diagnostics[2] == float("inf")  # every gradient is zero: all noise, no signal
-    assert engine.accountant.history == [(sigma, batch_size / len(data), 1)]
-
-
-def test_weights_are_clamped_after_a_critic_step():
-    d, _, data = tiny_critic()
-    private, dp_opt, _, _ = privatise(d, data, 1.0, 1.0)
-    gan_steps.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=0.003)
-    assert max(p.abs().max().item() for p in d.parameters()) == pytest.approx(0.003)
-
-
-def test_generator_step_leaves_the_critic_alone():
-    d, _, data = tiny_critic()
-    private, dp_opt, engine, _ = privatise(d, data, 1.0, 1.0)
-    gan_steps.private_critic_step(private, dp_opt, data[:5], data[8:11], clip_param_w=1.0)
-    critic_state = [(p.detach().clone(), p.grad.clone()) for p in d.parameters()]
-    g = Generator(ngf=4)
-    g_before = [p.detach().clone() for p in g.parameters()]
-    opt_g = torch.optim.RMSprop(g.parameters(), lr=1e-3)
-    gan_steps.generator_step(g, private, opt_g, 4, "cpu")
-    for p, (weight, grad) in zip(d.parameters(), critic_state):
-        assert torch.equal(p.detach(), weight) and torch.equal(p.grad, grad)
-        assert not isinstance(p.grad_sample, torch.Tensor) or p.grad_sample.shape[0] == 8  # from the critic step
-    assert all(not torch.equal(p.detach(), b) for p, b in zip(g.parameters(), g_before))
-    assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 1
-
-
-# ---- patient-level privacy ----
-@pytest.mark.parametrize("mode", ["hooks", "bk"])
-def test_patient_step_clips_each_patients_mean_gradient_and_one_patient_moves_it_at_most_c_over_b(mode):
-    k, b, max_norm = 2, 4, 0.05
-    d, bare, data = tiny_critic()
-    real, fake = data[:6], data[8:12]  # 3 sampled patients of k = 2 patches; b = 4 fake samples
-    real_grads = per_sample_gradients(bare, real, -1)
-    patient_grads = [[(a + c) / 2 for a, c in zip(real_grads[i], real_grads[i + 1])] for i in (0, 2, 4)]
-    units = patient_grads + per_sample_gradients(bare, fake, +1)
-    norms = torch.stack([global_norm(g) for g in units])
-    assert (norms > max_norm).any()
-
-    def update(real_batch):
-        critic = copy.deepcopy(d)
-        start = [p.detach().clone() for p in critic.parameters()]
-        private, dp_opt, engine, _ = privatise(critic, data, 0.0, max_norm, b, mode)
-        gan_steps.private_critic_step(private, dp_opt, real_batch, fake, clip_param_w=1e6, patches_per_patient=k)
-        assert engine.accountant.history == [(0.0, b / len(data), 1)]
-        return torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)])
-
-    expected = -sum(torch.cat([g.flatten() for g in unit]) * min(1.0, max_norm / (n.item() + 1e-6))
-                    for unit, n in zip(units, norms)) / b
-    with_all = update(real)
-    torch.testing.assert_close(with_all, expected, rtol=1e-4, atol=1e-6)
-    without_one = update(real[2:])  # the first patient removed
-    assert (with_all - without_one).norm().item() <= max_norm / b * (1 + 1e-4)
-
-
-def test_patient_batches_give_k_patches_of_each_sampled_patient():
-    patients = np.repeat(np.array(["a", "b", "c"]), [5, 3, 4])
-    patches_of = gan_data.patient_patches(patients)
-    assert [p.tolist() for p in patches_of] == [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11]]
-    generator = torch.Generator().manual_seed(0)
-    stream = gan_data.patient_batches(gan_data.poisson_sampler(3, 2 / 3, generator), patches_of, 3, generator)
-    for _ in range(20):
-        batch = next(stream)
-        assert len(batch) % 3 == 0
-        for i in range(0, len(batch), 3):
-            owner = patients[batch[i:i + 3].numpy()]
-            assert len(set(owner)) == 1 and len(set(batch[i:i + 3].tolist())) == 3
 
 
 def write_patient_patches(n_patients=4, per_patient=8):
@@ -434,56 +313,7 @@ def test_patient_level_needs_the_patient_array(dirs, capsys):
     assert "has no `patient` array" in capsys.readouterr().err
 
 
-# ---- recipe knobs: losses, DiffAugment, EMA, the dcgan networks ----
-def test_critic_and_generator_losses_on_hand_made_scores():
-    s = torch.tensor([-2.0, 0.0, 3.0])
-    assert torch.equal(gan_steps.critic_loss_terms(s, True, "wgan"), -s)
-    assert torch.equal(gan_steps.critic_loss_terms(s, False, "wgan"), s)
-    assert gan_steps.critic_loss_terms(s, True, "hinge").tolist() == [3.0, 1.0, 0.0]
-    assert gan_steps.critic_loss_terms(s, False, "hinge").tolist() == [0.0, 1.0, 4.0]
-    torch.testing.assert_close(gan_steps.critic_loss_terms(s, True, "ns"), torch.log1p(torch.exp(-s)))
-    torch.testing.assert_close(gan_steps.generator_loss(s, "ns"), torch.log1p(torch.exp(-s)).mean())
-    assert gan_steps.generator_loss(s, "hinge") == -s.mean()
-
-
-@pytest.mark.parametrize("loss", ["ns", "hinge"])
-def test_noiseless_private_step_clips_the_per_sample_terms_of_other_losses(loss):
-    batch_size = 8
-    d, bare, data = tiny_critic()
-    real, fake = data[:5], data[8:16]
-    params = list(bare.parameters())
-    per_sample = [torch.autograd.grad(gan_steps.critic_loss_terms(bare(x[None]), is_real, loss).sum(), params)
-                  for xs, is_real in ((real, True), (fake, False)) for x in xs]
-    norms = torch.stack([global_norm(g) for g in per_sample])
-    max_norm = norms[norms > 0].median().item()
-    expected = [p.detach() - sum(g[i] * min(1.0, max_norm / (n.item() + 1e-6)) for g, n in zip(per_sample, norms))
-                / batch_size for i, p in enumerate(params)]
-    private, dp_opt, _, _ = privatise(d, data, 0.0, max_norm, batch_size)
-    gan_steps.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss=loss)
-    for p, e in zip(d.parameters(), expected):
-        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
-
-
-def test_diff_augment_moves_image_and_label_together():
-    torch.manual_seed(0)
-    x = torch.rand(16, 1, 96, 96).repeat(1, 2, 1, 1)
-    out = gan_steps.diff_augment(x)
-    assert out.shape == x.shape and torch.equal(out[:, 0], out[:, 1])
-    assert not torch.equal(out, x)
-    assert gan_steps.diff_augment(x[:0]).shape == (0, 2, 96, 96)
-
-
-def test_ema_averages_weights_and_copies_buffers():
-    model, average = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-        average.weight.fill_(0.0)
-        model.running_mean.fill_(5.0)
-    gan_steps.update_ema(average, model, 0.9)
-    torch.testing.assert_close(average.weight, torch.full((3,), 0.1))
-    assert torch.equal(average.running_mean, model.running_mean)
-
-
+# ---- the dcgan recipe ----
 def test_dcgan_recipe_trains_resumes_and_synthesises_with_the_ema_generator(work, capsys):
     import generate_samples
     from utils.common import synthetic_path
@@ -526,27 +356,9 @@ def test_dcgan_recipe_at_another_patch_size_trains_and_synthesises_pairs_of_that
     assert "config.PATCH_SIZE 64 (the trial has 48)" in err
 
 
-@pytest.mark.parametrize("mode", [m for m in gan_steps.GRAD_SAMPLE_MODES if m != "hooks"])
-def test_every_engine_gives_the_reference_update_with_the_same_noise_draw(mode):
-    """The guarantee must not depend on the speed path: with one fixed noise draw, every per-sample gradient engine
-    gives the clipped, noised update of the reference engine (hooks) to float tolerance."""
-    d, _, data = tiny_critic()
-    real, fake = data[:5], data[8:16]
-    updates = []
-    for engine in ("hooks", mode):
-        critic = copy.deepcopy(d)
-        start = [p.detach().clone() for p in critic.parameters()]
-        opt = torch.optim.SGD(critic.parameters(), lr=1.0)
-        private, dp_opt, _, _ = gan_steps.make_private_critic(critic, opt, len(data), 8 / len(data), 8, 1.3, 0.05,
-                                                              engine, noise_generator=torch.Generator().manual_seed(5))
-        gan_steps.private_critic_step(private, dp_opt, real, fake, clip_param_w=None, loss="ns")
-        updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(critic.parameters(), start)]))
-    torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-5)
-
-
-def train_public(monkeypatch, work, *flags):
-    """A non-private GAN in another work folder (public data); returns its checkpoint of epoch 0."""
-    with monkeypatch.context() as m:
+def train_public(work, *flags):
+    """A non-private GAN in another work folder (public data): work / "public"; returns its checkpoint of epoch 0."""
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(config, "WORK_DIR", work / "public")
         write_patches(seed=1)
         train("--trial", "public", "--noisem", "inf", "--epochs", "1", *flags)
@@ -554,64 +366,60 @@ def train_public(monkeypatch, work, *flags):
 
 
 def test_init_from_starts_both_networks_from_a_public_checkpoint_and_accounts_exactly_as_a_cold_start(
-        work, capsys, monkeypatch):
+        one_epoch, work, capsys):
     from utils.common import file_sha256
 
-    public = train_public(monkeypatch, work, "--seed", "5")
+    public = train_public(work, "--seed", "5")
     saved = gan_checkpoints.load_checkpoint(public)
     args = run_gan.parse_args(["--trial", "warm", "--epochs", "1", "--init_from", str(public)])
     warm = gan.GanTrial(args)
     for name, net in (("generator", warm.generator), ("discriminator", warm.critic)):
         assert all(torch.equal(v, saved[name][k]) for k, v in net.state_dict().items()), name
-    cold = train("--trial", "cold", "--epochs", "1")
+    cold = one_epoch.trial
     assert not all(torch.equal(v, saved["generator"][k]) for k, v in cold.generator.state_dict().items())
     stored = json.loads((gan_results_dir("warm") / "config.json").read_text())
     assert stored["init_sha256"] == file_sha256(public) and stored["args"]["init_from"] == str(public)
     warm = train("--trial", "warm2", "--epochs", "1", "--init_from", str(public))
     # The public start changes where training begins, not what is sampled, clipped, noised or counted.
     assert warm.engine.accountant.history == cold.engine.accountant.history
-    assert log_rows("warm2")[0]["epsilon_valid"] == log_rows("cold")[0]["epsilon_valid"]
+    assert log_rows("warm2")[0]["epsilon_valid"] == one_epoch.log[0]["epsilon_valid"]
     public.unlink()  # resuming reads the trial's own checkpoint, not the public one
     resumed = train("--trial", "warm2", "--epochs", "2", "--resume", "--init_from", str(public))
     assert resumed.start_epoch == 1
+
+
+@pytest.fixture(scope="module")
+def public_ndf2(shared_folder):
+    """A public start with a narrower critic than this module's runs (ndf 2), trained once."""
+    return shared_folder("public_ndf2", lambda: train_public(config.WORK_DIR, "--ndf", "2"))[1]
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--init_from", "nowhere.pth"], "--init_from nowhere.pth: no such checkpoint"),
     (["--ndf", "4"], "its networks differ from this run's: ndf 2 (this run: 4)"),
 ])
-def test_init_from_a_missing_or_different_checkpoint_is_refused_before_anything_is_written(work, capsys, monkeypatch,
+def test_init_from_a_missing_or_different_checkpoint_is_refused_before_anything_is_written(public_ndf2, work, capsys,
                                                                                              flags, message):
-    public = str(train_public(monkeypatch, work, "--ndf", "2"))
-    err = expect_error(capsys, "--init_from", public, *flags)
+    err = expect_error(capsys, "--init_from", str(public_ndf2), *flags)
     assert message in err
     assert not gan_results_dir("t").exists() and not gan_model_dir("t").exists()
 
 
-def test_init_from_a_gan_trained_on_the_same_patients_is_refused(work, capsys):
-    train("--trial", "np", "--noisem", "inf", "--epochs", "1")  # a non-private GAN of this work folder's patches
-    err = expect_error(capsys, "--init_from", str(gan_checkpoints.checkpoint_path("np", 0)))
-    assert "trained on this work folder's patches" in err and not gan_results_dir("t").exists()
+def test_init_from_a_gan_trained_on_the_same_patients_is_refused(non_private, copy_shared, capsys):
+    copy_shared(non_private.root)  # a non-private GAN of this work folder's patches
+    err = expect_error(capsys, "--trial", "new", "--init_from", str(gan_checkpoints.checkpoint_path("t", 0)))
+    assert "trained on this work folder's patches" in err and not gan_results_dir("new").exists()
 
 
-def test_init_from_a_gan_of_another_folder_trained_on_the_same_patches_is_refused(work, capsys, monkeypatch):
-    import shutil
-
-    ours = patches_path("train")
-    with monkeypatch.context() as m:
-        m.setattr(config, "WORK_DIR", work / "copy")
-        patches_path("train").parent.mkdir(parents=True)
-        shutil.copy(ours, patches_path("train"))
-        train("--trial", "np", "--noisem", "inf", "--epochs", "1")
-        same_patients = gan_checkpoints.checkpoint_path("np", 0)
-    err = expect_error(capsys, "--init_from", str(same_patients))
+def test_init_from_a_gan_of_another_folder_trained_on_the_same_patches_is_refused(non_private, work, capsys):
+    # the shared run's work folder is another one, with a copy of these very patches (write_patches())
+    err = expect_error(capsys, "--init_from", str(non_private.models / "epoch_0.pth"))
     assert "trained on the same patches file as this run" in err and not gan_results_dir("t").exists()
 
 
-def test_a_run_records_its_patches_preparation_and_refuses_a_public_start_prepared_otherwise(dirs, capsys,
-                                                                                              monkeypatch):
+def test_a_run_records_its_patches_preparation_and_refuses_a_public_start_prepared_otherwise(dirs, capsys):
     work = dirs[1]
-    public = train_public(monkeypatch, work)  # its patches file records nothing: cut from raw scans
+    public = train_public(work)  # its patches file records nothing: cut from raw scans
     assert json.loads((work / "public" / "results" / "WGAN_public" / "config.json").read_text())[
         "skull_stripped"] is False
     write_patches(skull_stripped=np.array(True))
@@ -622,8 +430,8 @@ def test_a_run_records_its_patches_preparation_and_refuses_a_public_start_prepar
     assert json.loads((gan_results_dir("t") / "config.json").read_text())["skull_stripped"] is True
 
 
-def test_init_from_starts_the_generator_and_its_average_from_the_public_average(work, monkeypatch):
-    public = train_public(monkeypatch, work, "--ema", "0.9")
+def test_init_from_starts_the_generator_and_its_average_from_the_public_average(work):
+    public = train_public(work, "--ema", "0.9")
     saved = gan_checkpoints.load_checkpoint(public)
     warm = gan.GanTrial(run_gan.parse_args(["--trial", "warm", "--epochs", "1", "--ema", "0.9",
                                             "--init_from", str(public)]))
@@ -654,29 +462,30 @@ def stop_at_checkpoint(monkeypatch, epoch):
     return original
 
 
-def test_a_run_stopped_before_its_checkpoint_resumes_to_the_log_of_an_uninterrupted_run(work, monkeypatch, capsys):
-    straight = train("--trial", "a", "--epochs", "2")
-    train("--trial", "b", "--epochs", "1")
+def test_a_run_stopped_before_its_checkpoint_resumes_to_the_log_of_an_uninterrupted_run(one_epoch, two_epochs,
+                                                                                         copy_shared, monkeypatch,
+                                                                                         capsys):
+    copy_shared(one_epoch.root)
     original = stop_at_checkpoint(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        train("--trial", "b", "--epochs", "2", "--resume")
+        train("--epochs", "2", "--resume")
     monkeypatch.setattr(gan, "save_torch", original)
     # the epoch's log row was written, not its checkpoint
-    assert len(log_rows("b")) == 2 and gan_checkpoints.checkpoint_epochs("b") == [0]
-    (gan_model_dir("b") / ".epoch_1.pth.k2j_x9a0.pth").write_bytes(b"half a checkpoint")  # killed in torch.save
-    resumed = train("--trial", "b", "--epochs", "2", "--resume")
+    assert len(log_rows()) == 2 and gan_checkpoints.checkpoint_epochs("t") == [0]
+    (gan_model_dir("t") / ".epoch_1.pth.k2j_x9a0.pth").write_bytes(b"half a checkpoint")  # killed in torch.save
+    resumed = train("--epochs", "2", "--resume")
     out = capsys.readouterr().out
-    assert "removed .epoch_1.pth.k2j_x9a0.pth" in out and "epoch 1 of trial 'b' was left half-done" in out
-    assert resumed.start_epoch == 1 and sorted(p.name for p in gan_model_dir("b").iterdir()) == ["epoch_0.pth",
+    assert "removed .epoch_1.pth.k2j_x9a0.pth" in out and "epoch 1 of trial 't' was left half-done" in out
+    assert resumed.start_epoch == 1 and sorted(p.name for p in gan_model_dir("t").iterdir()) == ["epoch_0.pth",
                                                                                                   "epoch_1.pth"]
     drop = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in log_rows("b")] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in log_rows("a")]
-    assert resumed.engine.accountant.history == straight.engine.accountant.history
+    assert [{k: v for k, v in r.items() if k not in drop} for r in log_rows()] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in two_epochs.log]
+    assert resumed.engine.accountant.history == two_epochs.trial.engine.accountant.history
 
 
-def test_a_checkpoint_without_its_log_row_is_removed_and_its_epoch_trained_again(work, capsys):
-    train("--epochs", "2")
+def test_a_checkpoint_without_its_log_row_is_removed_and_its_epoch_trained_again(two_epochs, copy_shared, capsys):
+    copy_shared(two_epochs.root)
     rows = log_rows()
     log_path = gan_results_dir("t") / "log.csv"
     gan_log.write_log(log_path, gan_log.read_log(log_path)[:1])  # old order
@@ -699,8 +508,9 @@ def test_a_trial_stopped_in_epoch_0_starts_again_with_or_without_resume(work, mo
     assert trial.start_epoch == 0 and gan_checkpoints.checkpoint_epochs("t") == [0] and len(log_rows()) == 1
 
 
-def test_resume_refuses_a_changed_patches_file_and_a_folder_without_room_before_training(work, capsys, monkeypatch):
-    train("--epochs", "1")
+def test_resume_refuses_a_changed_patches_file_and_a_folder_without_room_before_training(one_epoch, copy_shared,
+                                                                                          capsys, monkeypatch):
+    copy_shared(one_epoch.root)
     original = patches_path("train").read_bytes()
     write_patches(seed=1)  # re-extracted: as many patches, other contents
     err = expect_error(capsys, "--epochs", "2", "--resume")

@@ -236,17 +236,7 @@ def random_inception_weights(tmp_path_factory):
     return path, network.state_dict()
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Inception on the CPU with one thread: on this busy shared 2-core machine two OpenMP threads stall at
-    every barrier (a forward pass measured ~10x slower than on one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_fid_path_on_random_inception(random_inception_weights, one_torch_thread):
+def test_fid_path_on_random_inception(random_inception_weights):
     path, state = random_inception_weights
     model = metrics.inception_model("cpu", path)
     assert torch.equal(model.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])  # our file was loaded

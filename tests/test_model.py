@@ -15,8 +15,6 @@ from model import (
     generator_sizes,
 )
 
-torch.set_num_threads(1)  # the test machine's cores are shared: extra threads only spin
-
 
 def test_paper_generator_and_critic_shapes():
     g, d = Generator(ngf=96, kg=4, strg=2, padg=1, opg=0), Discriminator(ndf=96, kd=4, strd=2)

@@ -1,4 +1,5 @@
-"""The whole experiment on the tiny preset, as a user runs it: every script in order, patches to result table."""
+"""The whole experiment on the tiny preset, as a user runs it: every script in order, from the phantoms' training
+patches (make_phantoms.py, extract_patches.py --split train: made once, tests/conftest.py) to the result table."""
 
 import json
 import math
@@ -6,19 +7,15 @@ import math
 import audit_privacy
 import compare_results
 import eval_unet
-import extract_patches
 import generate_samples
-import make_phantoms
 import run_gan
 import run_unet
 from utils.common import result_paths
 
 
-def test_patches_to_result_files_and_comparison(dirs, capsys):
+def test_patches_to_result_files_and_comparison(phantom_dirs, capsys):
     epoch = "1"  # tiny preset: 2 GAN epochs, zero-based
     synthetic = ["--trial", "T", "--epoch", epoch, "--thresh", "0.8"]
-    make_phantoms.main([])
-    extract_patches.main(["--split", "train"])
     run_gan.main(["--trial", "T", "--noisem", "1.5"])
     generate_samples.main(synthetic)
     audit_privacy.main(synthetic)

@@ -4,6 +4,7 @@ trials (a checkpoint with a given accountant)."""
 import json
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,6 @@ from utils.release import PAPER_COUNT_KEY, RELEASE_FILES, release_dir
 from utils.synthesis import BEST_EPOCH
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off")
-torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -35,14 +35,35 @@ def readme_words(folder):
     return " ".join((folder / "README.txt").read_text().split())
 
 
-def release_after_training(trial, *flags, epoch=BEST_EPOCH):
-    run_gan.main(["--trial", trial, "--epochs", "3", *flags])
+def release_after_training(trial, *flags, epochs=3, epoch=BEST_EPOCH):
+    run_gan.main(["--trial", trial, "--epochs", str(epochs), *flags])
+    return released_set(trial, epoch), read_log(gan_results_dir(trial) / "log.csv")
+
+
+def released_set(trial, epoch):
+    """generate_samples.py for `epoch` of `trial` (6 pairs); returns the release bundle's folder."""
     generate_samples.main(["--trial", trial, "--epoch", str(epoch), "--n_samples", "6"])
-    return release_dir(synthetic_name(trial, epoch, 0.8)), read_log(gan_results_dir(trial) / "log.csv")
+    return release_dir(synthetic_name(trial, epoch, 0.8))
 
 
-def test_private_run_epoch_9999_releases_four_files_with_the_last_epochs_valid_epsilon(work):
-    folder, log = release_after_training("p", "--noisem", "1.0")
+@pytest.fixture(scope="module")
+def private_run(shared_folder):
+    """Trial "p": three private epochs (noise 1) on write_patches(), released at epoch 9999 (the pick among them:
+    best) and at epoch 2, made once. Its folder (root), the two bundles and log.csv; tests that change it copy it."""
+    from tests.test_gan import write_patches
+
+    def build():
+        write_patches()
+        best, log = release_after_training("p", "--noisem", "1.0")
+        return SimpleNamespace(best=best, epoch_2=released_set("p", 2), log=log)
+
+    root, run = shared_folder("private_run", build)
+    run.root = root
+    return run
+
+
+def test_private_run_epoch_9999_releases_four_files_with_the_last_epochs_valid_epsilon(private_run):
+    folder, log = private_run.best, private_run.log
     assert sorted(p.name for p in folder.iterdir()) == sorted(RELEASE_FILES)
     statement = json.loads((folder / "privacy.json").read_text())
     assert statement["epsilon"] == pytest.approx(log[-1]["epsilon_valid"], rel=1e-9)
@@ -67,30 +88,30 @@ def test_private_run_epoch_9999_releases_four_files_with_the_last_epochs_valid_e
 
 
 def test_non_private_and_paper_mode_statements(work):
-    folder, _ = release_after_training("np", "--noisem", "inf", epoch=2)
+    folder, _ = release_after_training("np", "--noisem", "inf", epochs=1, epoch=0)
     statement = json.loads((folder / "privacy.json").read_text())
     assert statement["epsilon"] == "inf" and statement["guarantee"].startswith("none")
     assert "NO differential privacy guarantee" in readme_words(folder)
 
-    folder, log = release_after_training("pp", "--noisem", "2", "--dp_mode", "paper", epoch=2)
+    folder, log = release_after_training("pp", "--noisem", "2", "--dp_mode", "paper", epochs=1, epoch=0)
     statement = json.loads((folder / "privacy.json").read_text())
     assert statement["epsilon"] == pytest.approx(log[-1]["epsilon_valid"])
     assert statement[PAPER_COUNT_KEY] == pytest.approx(log[-1]["epsilon"])
 
 
 def test_secure_rng_is_recorded_nowhere_and_draws_other_noise(work):
-    folder, _ = release_after_training("s1", "--noisem", "1.0", "--secure_rng", epoch=2)
+    folder, _ = release_after_training("s1", "--noisem", "1.0", "--secure_rng", epochs=1, epoch=0)
     assert json.loads((folder / "privacy.json").read_text())["seeded"] is False
     assert "operating system's entropy" in readme_words(folder)
-    release_after_training("s2", "--noisem", "1.0", "--secure_rng", epoch=2)
-    released = [torch.load(release_dir(synthetic_name(t, 2, 0.8)) / "generator.pt", weights_only=True)
-                for t in ("s1", "s2")]
+    other, _ = release_after_training("s2", "--noisem", "1.0", "--secure_rng", epochs=1, epoch=0)
+    released = [torch.load(bundle / "generator.pt", weights_only=True) for bundle in (folder, other)]
     # Same --seed (same initialisation and fake draws), other noise and batches: other generators.
     assert any(not torch.equal(a, b) for a, b in zip(*(r["state_dict"].values() for r in released)))
 
 
-def test_existing_bundle_is_refused_before_anything_is_written(work, capsys):
-    folder, _ = release_after_training("p", "--noisem", "1.0", epoch=2)
+def test_existing_bundle_is_refused_before_anything_is_written(private_run, copy_shared, capsys):
+    copy_shared(private_run.root)
+    folder = release_dir(private_run.epoch_2.name)
     before = (folder / "privacy.json").read_bytes()
     (folder.parent.parent / "synthetic" / f"gen_patches_{folder.name}.npz").unlink()
     with pytest.raises(SystemExit):
@@ -100,26 +121,25 @@ def test_existing_bundle_is_refused_before_anything_is_written(work, capsys):
     assert json.loads((folder / "privacy.json").read_text())["n_synthetic_pairs"] == 4
 
 
-def test_missing_accountant_checkpoint_is_a_clear_error(work):
-    run_gan.main(["--trial", "p", "--epochs", "2", "--noisem", "1.0"])
+def test_missing_accountant_checkpoint_is_a_clear_error(private_run, copy_shared):
+    copy_shared(private_run.root)
     checkpoint_path("p", 1).unlink()
     with pytest.raises(PipelineError, match="epoch_1.pth"):
         release.trial_privacy("p", {"args": {"noisem": 1.0}}, 1)
 
 
-def test_a_warm_started_run_names_its_public_checkpoint_and_the_assumption_its_epsilon_rests_on(work, monkeypatch):
+def test_a_warm_started_run_names_its_public_checkpoint_and_the_assumption_its_epsilon_rests_on(private_run, work):
     from tests.test_gan import train_public
     from utils.common import file_sha256
 
-    public = train_public(monkeypatch, work)
-    folder, log = release_after_training("warm", "--noisem", "1.0", "--init_from", str(public))
+    public = train_public(work)
+    folder, log = release_after_training("warm", "--noisem", "1.0", "--init_from", str(public), epochs=1)
     statement = json.loads((folder / "privacy.json").read_text())
     assert statement["initialised_from"]["sha256"] == file_sha256(public)
     assert "public data" in statement["initialised_from"]["assumption"]
     assert statement["epsilon"] == pytest.approx(log[-1]["epsilon_valid"], rel=1e-9)
     assert f"Warm start: {release.PUBLIC_INIT_ASSUMPTION}" in readme_words(folder)
-    cold, _ = release_after_training("cold", "--noisem", "1.0")
-    assert "initialised_from" not in json.loads((cold / "privacy.json").read_text())
+    assert "initialised_from" not in json.loads((private_run.best / "privacy.json").read_text())  # a cold start
 
 
 # ---- the README and privacy.json of hand-made trials (no training: a checkpoint with a given accountant) ----
@@ -225,12 +245,15 @@ def test_a_set_chosen_among_runs_carries_their_composed_epsilon_beside_its_own(d
     assert info["epsilon_valid_single_run"] == pytest.approx(single)
 
 
-def test_a_full_disk_under_the_release_keeps_the_old_set_and_bundle_together(work, capsys, monkeypatch):
+def test_a_full_disk_under_the_release_keeps_the_old_set_and_bundle_together(private_run, copy_shared, capsys,
+                                                                               monkeypatch):
     import errno
 
     from utils import common
 
-    folder, _ = release_after_training("p", "--noisem", "1.0", epoch=2)
+    copy_shared(private_run.root)
+    folder = release_dir(private_run.epoch_2.name)
+    bundles = sorted(p.name for p in folder.parent.iterdir())
     set_path = synthetic_path("p", 2, 0.8)
     before = {p: p.read_bytes() for p in (set_path, set_path.with_suffix(".json"), *folder.iterdir())}
     original = common.save_json
@@ -246,16 +269,15 @@ def test_a_full_disk_under_the_release_keeps_the_old_set_and_bundle_together(wor
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(error) == 1 and "privacy.json: no space left on the disk" in error[0]
     assert {p: p.read_bytes() for p in before} == before  # neither the set nor the bundle was replaced
-    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no staging folder left
+    assert sorted(p.name for p in folder.parent.iterdir()) == bundles  # no staging folder left
     assert not list(set_path.parent.glob(".*"))
 
 
-def test_a_set_another_live_run_is_writing_is_refused(work, capsys):
+def test_a_set_another_live_run_is_writing_is_refused(private_run, copy_shared, capsys):
     from utils.locks import lock_path
 
-    run_gan.main(["--trial", "p", "--epochs", "1", "--noisem", "1.0"])
-    lock = lock_path(synthetic_path("p", 0, 0.8))
-    lock.parent.mkdir(parents=True)
+    copy_shared(private_run.root)
+    lock = lock_path(synthetic_path("p", 0, 0.8))  # beside the trial's other sets
     lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
     with pytest.raises(SystemExit):
         generate_samples.main(["--trial", "p", "--epoch", "0", "--n_samples", "4"])

@@ -1,6 +1,7 @@
 """utils/synthesis.py and generate_samples.py on a hand-made tiny GAN trial (tiny generator, config.json, log.csv)."""
 
 import csv
+import functools
 import json
 import math
 import subprocess
@@ -31,6 +32,7 @@ def accountant_state(epoch, noisem):
             "delta": 1 / N_TRAIN, "dp_mode": "strict"}
 
 
+@functools.cache  # each make_trial writes five epochs' epsilons: a fraction of a second each to compute
 def epsilon_after(epoch, noisem=1.0, accountant="rdp"):
     return privacy.epsilon_from_history(accountant_state(epoch, noisem)["history"], 1 / N_TRAIN, accountant)
 
