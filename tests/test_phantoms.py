@@ -1,5 +1,5 @@
-"""Synthetic TOF-MRA phantoms (utils/phantoms.py, their vessels utils/vessel_tree.py) and make_phantoms.py, on the
-tiny preset's volumes."""
+"""Synthetic TOF-MRA phantoms (utils/phantoms.py, with the vessels of utils/vessel_tree.py) and make_phantoms.py, on
+the tiny preset's volumes."""
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +8,7 @@ from scipy import ndimage
 
 import config
 import make_phantoms
-from utils import phantoms, vessel_tree
+from utils import phantoms
 from utils.data import patient_ids, patient_paths
 
 SEED = [5, 6, 7]
@@ -127,15 +127,6 @@ def test_thin_vessels_exist_and_are_faint(internal, external):
     # partial volume: voxels beside the label are brighter than tissue on average, but not as bright as vessels
     border = ndimage.binary_dilation(internal.label == 1) & (internal.label == 0) & (internal.mask == 1)
     assert 0.5 < np.median(contrast_to_noise(internal, border)) < np.median(contrast_to_noise(internal, thin))
-
-
-def test_tube_occupancy_is_partial_volume():
-    sigma = vessel_tree.psf_sigma(config.VOXEL_SPACING)
-    wide = vessel_tree.tube_occupancy(np.array([-3.0, 0.0, 3.0]), np.array([20.0, 20.0, 20.0]))
-    np.testing.assert_allclose(wide, [1, 0.5, 0], atol=0.05)
-    # a tube thinner than a voxel fills only part of the voxel on its axis (area / blur spot)
-    on_axis = vessel_tree.tube_occupancy(np.array([-0.1 / sigma]), np.array([0.1 / sigma]))[0]
-    assert 0.1 < on_axis < 0.3
 
 
 def read(path):
