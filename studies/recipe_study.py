@@ -49,6 +49,8 @@ RECIPES = {
                 True),
     "np_b128_lr4": ("non-private reference at a quarter of the learning rate: public start, n_D 1, batch 128, 2 epochs",
                     ["--batch_size", "128", "--lrd", "5e-5", "--lrg", "5e-5"], 2, False, True),
+    "p_b128_n0.1": ("the private step with a tenth of the noise (a large epsilon): n_D 1, batch 128, 2 epochs",
+                    ["--batch_size", "128", "--noisem", "0.1"], 2, True, True),
     "np_ref_4ep": ("non-private reference: public start, n_D 1, batch 32, 4 epochs", [], 4, False, True),
     "p_nd1_4ep": ("n_D 1, batch 32, 4 epochs", [], 4, True, True),
     "np_ref": ("non-private reference: public start, n_D 1, batch 32, 2 epochs", [], 2, False, True),
@@ -72,7 +74,9 @@ def recipe_flags(name, seed, public_start):
     _, flags, epochs, private, warm = RECIPES[name]
     p = run_gan.parse_args(["--trial", "x", *flags])
     noise = math.inf
-    if private:
+    if private and "--noisem" in flags:  # the row names its own noise
+        noise = p.noisem
+    elif private:
         n_train = config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT
         noise = privacy.noise_for_target_epsilon(TARGET_EPSILON, epochs, p.batch_size, n_train, p.n_discr, "strict")
         noise = math.ceil(noise * 100) / 100
