@@ -49,6 +49,8 @@ RECIPES = {
                 True),
     "np_b128_lr4": ("non-private reference at a quarter of the learning rate: public start, n_D 1, batch 128, 2 epochs",
                     ["--batch_size", "128", "--lrd", "5e-5", "--lrg", "5e-5"], 2, False, True),
+    "np_b128_lr16": ("non-private reference at a sixteenth of the learning rate: public start, n_D 1, batch 128, "
+                     "2 epochs", ["--batch_size", "128", "--lrd", "1.25e-5", "--lrg", "1.25e-5"], 2, False, True),
     "p_b128_n0.1": ("the private step with a tenth of the noise (a large epsilon): n_D 1, batch 128, 2 epochs",
                     ["--batch_size", "128", "--noisem", "0.1"], 2, True, True),
     "np_ref_4ep": ("non-private reference: public start, n_D 1, batch 32, 4 epochs", [], 4, False, True),
