@@ -65,6 +65,8 @@ RECIPES = {
     "p_b512": ("n_D 1, batch 512, 8 epochs", ["--batch_size", "512"], 8, True, True),
     "p_noema": ("p_nd1 without generator EMA", ["--ema", "0"], 2, True, True),
     "p_cold": ("p_nd1 from random weights", [], 2, True, False),
+    "p_b128_noema": ("p_b128 without generator EMA", ["--batch_size", "128", "--ema", "0"], 2, True, True),
+    "p_b128_cold": ("p_b128 from random weights", ["--batch_size", "128"], 2, True, False),
 }
 COLUMNS = ("row", "seed", "thresh", "change", "noise", "epsilon_valid", "updates", "critic_steps", "gan_seconds",
            "noise_to_signal", "clipped_fraction", "vessel_fraction", "test_dsc_aug0", "test2_dsc_aug0",
