@@ -51,6 +51,10 @@ RECIPES = {
                     ["--batch_size", "128", "--lrd", "5e-5", "--lrg", "5e-5"], 2, False, True),
     "np_b128_lr16": ("non-private reference at a sixteenth of the learning rate: public start, n_D 1, batch 128, "
                      "2 epochs", ["--batch_size", "128", "--lrd", "1.25e-5", "--lrg", "1.25e-5"], 2, False, True),
+    "np_b128_ema999": ("non-private reference with a slower generator EMA (0.999): public start, batch 128, 2 epochs",
+                       ["--batch_size", "128", "--ema", "0.999"], 2, False, True),
+    "p_b128_ema999": ("p_b128 with a slower generator EMA (0.999)", ["--batch_size", "128", "--ema", "0.999"], 2, True,
+                      True),
     "p_b128_n0.1": ("the private step with a tenth of the noise (a large epsilon): n_D 1, batch 128, 2 epochs",
                     ["--batch_size", "128", "--noisem", "0.1"], 2, True, True),
     "np_ref_4ep": ("non-private reference: public start, n_D 1, batch 32, 4 epochs", [], 4, False, True),
