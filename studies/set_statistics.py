@@ -11,20 +11,21 @@ above the middle of that range.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.common import minmax_scale  # noqa: E402
 
 BRIGHT = 0.5  # of the per-patch min-max range
 
 
 def set_statistics(img, label):
     """{label_fraction, bright_fraction, bright_labelled, img_in_label, img_outside, no_vessel_patches} of a set."""
-    img = (img[..., 0] if img.ndim == 4 else img).astype(np.float32)
+    scaled = minmax_scale(img[..., 0] if img.ndim == 4 else img, 0, 1)
     vessel = (label[..., 0] if label.ndim == 4 else label) > 0
-    flat = img.reshape(len(img), -1)
-    low, high = flat.min(1)[:, None, None], flat.max(1)[:, None, None]
-    scaled = (img - low) / np.maximum(high - low, 1e-6)
     bright = scaled > BRIGHT
     return {"label_fraction": float(vessel.mean()), "bright_fraction": float(bright.mean()),
             "bright_labelled": float(vessel[bright].mean()) if bright.any() else float("nan"),

@@ -108,7 +108,7 @@ def runs_privacy(runs):
                             f"single guarantee: compare runs of one unit")
     delta = min(r["delta"] for r in runs)
     non_private = any(math.isinf(float(r["epsilon_valid"])) for r in runs)
-    # The runs' valid histories, concatenated: one strict history
+    # Each run's history is already its valid one; concatenated, they are accounted as one strict history
     composed = privacy.guarantee(None if non_private else [h for r in runs for h in r["history"]], delta)
     return {"epsilon_valid": composed["epsilon_valid"], "epsilon_valid_prv": composed["epsilon_valid_prv"],
             "delta": delta,
