@@ -1,4 +1,5 @@
-# make test: set up .venv (Python 3.11) and run lint + tests.  make demo: the whole pipeline, small, on the CPU.
+# make test: set up .venv (Python 3.11) and run lint + tests (keeping only failed tests' temporary folders: the
+# suite writes about 1 GB of them, and a full disk fails it).  make demo: the whole pipeline, small, on the CPU.
 # make utility: the demo's steps with the recipe of presets/utility.py (about 45 min); outputs in utility_work/.
 # make curve: a small privacy-utility curve (presets/curve.py, sweep.py) on the CPU; outputs in curve_work/.
 PYTHON ?= python3.11
@@ -20,7 +21,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -o tmp_path_retention_policy=failed -o tmp_path_retention_count=1 tests
 
 demo: $(STAMP)
 	$(PY) demo.py
