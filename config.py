@@ -64,6 +64,11 @@ INIT_FROM = None
 FINETUNE_BATCH_SIZE = None
 BATCH_SIZE = 32
 N_DISCR = 5
+# Bie et al.'s adaptive n_D (utils/critic_schedule.py): None, n_D fixed at N_DISCR (the paper); a threshold (their 0.6
+# at epsilon 10): n_D climbs 1, 2, 5, 10, 20, ... from N_DISCR when the critic's smoothed accuracy on generated
+# samples falls to it, at least ADAPTIVE_GRACE generator steps after the last change (theirs: 200).
+ADAPTIVE_CRITIC = None
+ADAPTIVE_GRACE = 200
 EPOCHS = 50
 LRD = 5e-5
 LRG = 5e-5

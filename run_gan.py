@@ -31,6 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--max_norm_dp", type=float, default=config.MAX_NORM_DP, help="per-sample gradient clipping norm")
     p.add_argument("--clip_param_W", type=float, default=config.CLIP_PARAM_W, help="WGAN critic weight clip")
     p.add_argument("--n_discr", type=int, default=config.N_DISCR, help="critic iterations per generator update")
+    p.add_argument("--adaptive_critic", type=float, default=config.ADAPTIVE_CRITIC, metavar="ACCURACY",
+                   help="Bie et al.'s adaptive schedule: n_D climbs from --n_discr (1, 2, 5, 10, 20, ...) when the "
+                        "critic's smoothed accuracy on generated samples falls to ACCURACY (theirs: 0.6); an epoch "
+                        "keeps the critic steps, so epsilon, of the fixed --n_discr plan (needs --loss ns or hinge)")
+    p.add_argument("--adaptive_grace", type=int, default=config.ADAPTIVE_GRACE, metavar="UPDATES",
+                   help="generator steps between two changes of the adaptive n_D")
     p.add_argument("--batch_size", type=int, default=config.BATCH_SIZE, help="expected (Poisson) batch size")
     p.add_argument("--lrd", type=float, default=config.LRD, help="critic learning rate")
     p.add_argument("--lrg", type=float, default=config.LRG, help="generator learning rate")
@@ -92,10 +98,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def generator_update(trial, args):
-    """n_discr critic iterations, then one generator step (benchmarks/bench_gan_update.py times this)."""
+def generator_update(trial, args, critic_steps=None):
+    """critic_steps (default n_discr) critic iterations, then one generator step (benchmarks/bench_gan_update.py
+    times this)."""
     real = trial.real_batch()
-    for i in range(args.n_discr):
+    for i in range(critic_steps or args.n_discr):
         if i > 0 and args.dp_mode == "strict":
             real = trial.real_batch()  # strict: a fresh Poisson batch per critic iteration; paper: reuse
         trial.critic_step(real, trial.fake_batch())  # clipped + noised + accounted when private
@@ -114,10 +121,14 @@ def main(argv=None):
             return trial
         for epoch in range(trial.start_epoch, args.epochs):
             trial.begin_epoch(epoch)
-            bar = tqdm(range(trial.updates_per_epoch), desc=f"epoch {epoch}", unit="update", leave=False)
-            for update in bar:
-                generator_update(trial, args)
-                if update % PROGRESS_EVERY == 0:
+            bar = tqdm(total=trial.critic_steps_per_epoch, desc=f"epoch {epoch}", unit="critic step", leave=False)
+            done, updates = 0, 0
+            while done < trial.critic_steps_per_epoch:  # updates_per_epoch x n_discr noisy steps, however scheduled
+                steps = trial.critic_steps_next(done)  # --n_discr, or the adaptive schedule's
+                generator_update(trial, args, steps)
+                done, updates = done + steps, updates + 1
+                bar.update(steps)
+                if (updates - 1) % PROGRESS_EVERY == 0:
                     bar.set_postfix(trial.progress())
             bar.close()
             trial.end_epoch()  # log.csv, plots, samples, then the checkpoint that commits the epoch; one line

@@ -65,6 +65,15 @@ RECIPES = {
     "p_nd5_2ep": ("n_D 5, batch 32, 2 epochs", ["--n_discr", "5"], 2, True, True),
     "p_b128": ("n_D 1, batch 128, 2 epochs", ["--batch_size", "128"], 2, True, True),
     "p_b128_nd5": ("n_D 5, batch 128, 2 epochs", ["--batch_size", "128", "--n_discr", "5"], 2, True, True),
+    "np_b128_nd5": ("non-private reference with 5 critic steps per generator step: public start, batch 128, 2 epochs",
+                    ["--batch_size", "128", "--n_discr", "5"], 2, False, True),
+    "np_b128_8ep": ("non-private reference: public start, n_D 1, batch 128, 8 epochs", ["--batch_size", "128"], 8,
+                    False, True),
+    "p_b128_nd20": ("n_D 20, batch 128, 1 epoch", ["--batch_size", "128", "--n_discr", "20"], 1, True, True),
+    "p_b128_adaptive": ("Bie et al.'s adaptive n_D (from 1, accuracy threshold 0.6, grace 200), batch 128, the "
+                        "critic steps of 10 epochs at n_D 1", ["--batch_size", "128", "--adaptive_critic", "0.6",
+                                                               "--adaptive_grace", "200", "--n_discr", "1"], 10, True,
+                        True),
     "p_b128_8ep": ("n_D 1, batch 128, 8 epochs", ["--batch_size", "128"], 8, True, True),
     "p_b512": ("n_D 1, batch 512, 8 epochs", ["--batch_size", "512"], 8, True, True),
     "p_noema": ("p_nd1 without generator EMA", ["--ema", "0"], 2, True, True),
@@ -136,13 +145,15 @@ def study_row(name, seed, demo_work, augmentations, device):
                                "--device", str(device)])
     log = read_log(log_path)
     gan_args = json.loads((gan_results_dir(trial) / "config.json").read_text())["args"]
-    updates = epochs * privacy.steps_per_epoch(config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT,
-                                               gan_args["batch_size"])
+    critic_steps = epochs * gan_args["n_discr"] * privacy.steps_per_epoch(
+        config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT, gan_args["batch_size"])
     with np.load(set_path) as pairs:
         vessel_fraction = round(float(pairs["label"].mean()), 4)
     row = {"row": name, "seed": seed, "change": RECIPES[name][0], "noise": noise,
            "epsilon_valid": json.loads(set_path.with_suffix(".json").read_text())["epsilon_valid"],
-           "updates": updates, "critic_steps": updates * gan_args["n_discr"], "gan_seconds": gan_seconds,
+           # a log written before it had the column: the fixed plan's updates
+           "updates": log[-1]["generator_updates"] if math.isfinite(log[-1]["generator_updates"]) else
+           critic_steps // gan_args["n_discr"], "critic_steps": critic_steps, "gan_seconds": gan_seconds,
            "vessel_fraction": vessel_fraction}
     for key in ("noise_to_signal", "clipped_fraction"):  # DP diagnostics, averaged over the epochs (internal)
         values = [r[key] for r in log]

@@ -189,6 +189,31 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(one_epoch, two_epoch
     assert "all 2 epochs are done" in capsys.readouterr().out
 
 
+ADAPTIVE = ("--loss", "ns", "--n_discr", "1", "--adaptive_critic", "0.99", "--adaptive_grace", "1")
+
+
+def test_an_adaptive_n_d_moves_generator_steps_and_keeps_the_noisy_steps_and_epsilon_of_the_fixed_plan(
+        work, dp_steps):
+    trial = train("--epochs", "2", *ADAPTIVE)
+    planned = 2 * steps_per_epoch(N_PATCHES, config.BATCH_SIZE) * 1
+    assert len(dp_steps) == trial.accounted_steps() == planned
+    rows = log_rows()
+    expected = gan_privacy(config.NOISE_MULTIPLIER, 2, config.BATCH_SIZE, N_PATCHES, 1)["epsilon_valid"]
+    assert float(rows[1]["epsilon_valid"]) == pytest.approx(expected, rel=1e-9)
+    # the critic of a tiny run never reaches 0.99 accuracy on generated samples: n_D climbs, generator steps fall
+    assert int(rows[1]["n_discr"]) > 1 and trial.generator_updates == int(rows[1]["generator_updates"]) < planned
+
+
+def test_an_adaptive_run_resumes_with_its_schedule(work):
+    straight = train("--trial", "straight", "--epochs", "2", *ADAPTIVE)
+    train("--epochs", "1", *ADAPTIVE)
+    resumed = train("--epochs", "2", "--resume", *ADAPTIVE)
+    assert resumed.critic_schedule.state_dict() == straight.critic_schedule.state_dict()
+    assert resumed.generator_updates == straight.generator_updates
+    a, b = log_rows("straight")[1], log_rows()[1]
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
 def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(one_epoch, work, monkeypatch):
     sizes = []
     original = bookkeeping._clip_physical_batch
@@ -250,6 +275,9 @@ def test_resume_refuses_other_settings_and_missing_trials(one_epoch, copy_shared
     (["--amp", "--grad_sample_mode", "hooks"], "--amp: a private run needs --grad_sample_mode bk (not hooks)"),
     (["--max_physical_batch", "4", "--grad_sample_mode", "hooks"], "--max_physical_batch 4: needs a size >= 1, "
                                                                     "--grad_sample_mode bk"),
+    (["--adaptive_critic", "0.6", "--loss", "wgan"], "it needs --loss ns or hinge, not wgan"),
+    (["--adaptive_critic", "0.6", "--loss", "ns", "--n_discr", "3"], "--n_discr 3: the adaptive schedule starts on a"),
+    (["--adaptive_critic", "1.5", "--loss", "ns", "--n_discr", "1"], "--adaptive_critic 1.5"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(work, capsys, flags, message):
     assert message in expect_error(capsys, *flags)

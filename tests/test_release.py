@@ -168,7 +168,8 @@ def hand_made_trial(trial, patch_size=96, privacy_unit="patch", n_units=400, n_s
                                    "sample_rate": sample_rate, "delta": delta, "dp_mode": "strict"}},
                    models / f"epoch_{epoch}.pth")
         eps = privacy.epsilon_from_history(history, delta)
-        rows.append([epoch, 0.1, 1.0 - epoch / 10, 0, 0, 0, eps, eps, eps, 0.5, 1.0, 20.0, history[0][2], 1.0])
+        rows.append([epoch, 0.1, 1.0 - epoch / 10, 0, 0, 0, eps, eps, eps, 0.5, 1.0, 20.0, history[0][2],
+                     history[0][2], 1, 1.0])
     (results / "config.json").write_text(json.dumps({
         "args": {"trial": trial, "noisem": noisem, "dp_mode": "strict", "max_norm_dp": 1.0, "n_discr": 1},
         "n_samples": n_samples, "delta": delta, "sample_rate": sample_rate, "privacy_unit": privacy_unit,

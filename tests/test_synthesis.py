@@ -75,7 +75,7 @@ def make_trial(work, label_weight=None, epochs=(0, 1, 2, 3, 4), noisem=1.0, tria
             eps = "inf" if math.isinf(noisem) else epsilon_after(epoch, noisem)
             diagnostics = [0.5, 1.0, 20.0]  # grad_norm_median, clipped_fraction, noise_to_signal
             steps = STEPS_PER_EPOCH * (epoch + 1)
-            writer.writerow([epoch, 0.1, loss_g, 0.0, 0.0, 0.0, eps, eps, eps, *diagnostics, steps, 1.0])
+            writer.writerow([epoch, 0.1, loss_g, 0.0, 0.0, 0.0, eps, eps, eps, *diagnostics, steps, steps // 2, 2, 1.0])
     return generator
 
 

@@ -35,6 +35,7 @@ from utils.common import (
     save_torch,
     versions,
 )
+from utils.critic_schedule import AdaptiveCriticSteps, critic_steps_this_update
 from utils.gan_checkpoints import (
     build_networks,
     check_resumed_settings,
@@ -110,14 +111,27 @@ def check_flags(args):
               (not args.audit_canaries or args.privacy_unit == "patch",
                "--audit_canaries audits the per-patch guarantee: it needs --privacy_unit patch (a canary is "
                "one patch, not a patient)")]
+    if args.adaptive_critic is not None:
+        # (so never in paper mode, which needs --loss wgan)
+        checks += [(args.loss in ("ns", "hinge"), f"--adaptive_critic reads the critic's verdict on generated samples "
+                                                  f"from the sign of its score: it needs --loss ns or hinge, not "
+                                                  f"{args.loss}")]
     for ok, message in checks:
         if not ok:
             raise PipelineError(message)
     try:
+        critic_schedule(args)
         privacy.check_settings(noisem=args.noisem, batch_size=args.batch_size, n_discr=args.n_discr,
                                dp_mode=args.dp_mode)
     except ValueError as err:
         raise PipelineError(str(err)) from None
+
+
+def critic_schedule(args):
+    """The adaptive n_D schedule of --adaptive_critic, or None (n_D fixed at --n_discr)."""
+    if args.adaptive_critic is None:
+        return None
+    return AdaptiveCriticSteps(args.n_discr, args.adaptive_critic, args.adaptive_grace)
 
 
 def audit_canaries(args, results_dir, img, label, resuming):
@@ -192,6 +206,8 @@ class GanTrial:
         self.delta = config.DELTA if config.DELTA is not None else 1.0 / self.n_accounted
         self.sample_rate = self.batch_units / self.n_accounted
         self.updates_per_epoch = privacy.steps_per_epoch(self.n_accounted, self.batch_units)
+        # The noisy steps of an epoch: those of the fixed --n_discr plan, also when the schedule adapts n_D.
+        self.critic_steps_per_epoch = self.updates_per_epoch * args.n_discr
         self.device = resolve_device(args.device)
 
     def _build_networks(self):
@@ -203,6 +219,7 @@ class GanTrial:
         self.model_args = model_args(args)
         self.generator, self.critic = build_networks(self.model_args)
         self.generator_updates, self.log_rows = 0, []
+        self.critic_schedule = critic_schedule(args)
         self.patches_sha256 = file_sha256(patches_path("train"))
         if self.resuming:
             check_resumed_settings(args, self.results_dir, self.n_samples, self.patches_sha256)
@@ -257,6 +274,8 @@ class GanTrial:
         self.opt_g.load_state_dict(checkpoint["opt_g"])
         self.opt_d.load_state_dict(checkpoint["opt_d"])
         self.generator_updates = checkpoint["accountant"]["generator_updates"]
+        if self.critic_schedule is not None:
+            self.critic_schedule.load_state_dict(checkpoint["critic_schedule"])
         self.log_rows = [row for row in read_log(self.results_dir / "log.csv") if row["epoch"] < self.start_epoch]
         return checkpoint
 
@@ -303,6 +322,10 @@ class GanTrial:
                        for what in ("critic loss", "generator loss")}
         self.diagnostics = []
 
+    def critic_steps_next(self, done):
+        """Critic steps before the next generator step, done of the epoch's critic_steps_per_epoch taken."""
+        return critic_steps_this_update(self.critic_schedule, self.args.n_discr, done, self.critic_steps_per_epoch)
+
     def critic_step(self, real, fake):
         with self.autocast():
             real_scores, fake_scores, diagnostics = self.critic_step_fn(self.d, self.opt_d, real, fake,
@@ -321,6 +344,8 @@ class GanTrial:
                                     **self.step_options)
         if self.generator_ema is not None:
             update_ema(self.generator_ema, self.generator, self.args.ema)
+        if self.critic_schedule is not None:
+            self.critic_schedule.observe(scores)
         self.finite["generator loss"] &= torch.isfinite(scores).all()
         self.sums["loss_g"] = self.sums["loss_g"] - scores.mean()
         self.sums["n_g"] += 1
@@ -353,6 +378,9 @@ class GanTrial:
         values = [steps[:, 0].nanmedian(), steps[:, 1].nanmean(), steps[:, 2][steps[:, 2].isfinite()].mean()]
         return {**means, **{k: float(v) for k, v in zip(DP_DIAGNOSTICS, values)}}
 
+    def current_n_discr(self):
+        return self.args.n_discr if self.critic_schedule is None else self.critic_schedule.n_discr
+
     # -- privacy --
     def accounted_steps(self):
         return sum(h[2] for h in self.engine.accountant.history) if self.private else 0
@@ -370,6 +398,8 @@ class GanTrial:
         means, g = self.epoch_means(), self.guarantee()
         shown = {"eps": f"{g['epsilon_valid']:.3f}"} if self.args.dp_mode == "strict" else \
             {"eps_valid": f"{g['epsilon_valid']:.3g}", "eps_paper_count(invalid)": f"{g['epsilon']:.3f}"}
+        if self.critic_schedule is not None:
+            shown["n_D"] = self.critic_schedule.n_discr
         return {"loss_d": f"{means['loss_d']:.4f}", "loss_g": f"{means['loss_g']:.4f}", **shown}
 
     # -- end of an epoch: log, figures, then the checkpoint that commits it; one line --
@@ -383,7 +413,9 @@ class GanTrial:
         epsilon, epsilon_valid = g["epsilon"], g["epsilon_valid"]
         epsilon_prv = g["epsilon_valid_prv"]
         row = {"epoch": epoch, **self.epoch_means(), "epsilon": epsilon, "epsilon_valid": epsilon_valid,
-               "epsilon_valid_prv": epsilon_prv, "steps": self.accounted_steps(), "seconds": time.time() - self.started}
+               "epsilon_valid_prv": epsilon_prv, "steps": self.accounted_steps(),
+               "generator_updates": self.generator_updates, "n_discr": self.current_n_discr(),
+               "seconds": time.time() - self.started}
         checkpoint = {  # the state at the epoch's end, RNG states included, taken before anything else runs
             "epoch": epoch, "generator": self.generator.state_dict(), "discriminator": self.critic.state_dict(),
             "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
@@ -391,6 +423,7 @@ class GanTrial:
             "accountant": {"history": list(self.engine.accountant.history) if self.private else [],
                            "generator_updates": self.generator_updates, "sample_rate": self.sample_rate,
                            "delta": self.delta, "dp_mode": self.args.dp_mode},
+            "critic_schedule": None if self.critic_schedule is None else self.critic_schedule.state_dict(),
             "rng": rng_states(self.sampler_generator, self.noise_generator), "model_args": self.model_args}
         # The checkpoint is written last and commits the epoch (utils/gan_checkpoints.py).
         self.log_rows.append(row)
@@ -403,11 +436,13 @@ class GanTrial:
             shown.train()
         plot_samples(self.results_dir / f"samples_epoch_{epoch}.png", samples, epoch)
         save_torch(checkpoint_path(self.args.trial, epoch), checkpoint)
+        schedule = "" if self.critic_schedule is None else \
+            f" (adaptive n_D, now {row['n_discr']}, {self.generator_updates} generator updates)"
         counted = "" if self.args.dp_mode == "strict" else f" (the paper's count, not a valid bound: {epsilon:.4g})"
         print(f"epoch {epoch}/{self.args.epochs - 1} | internal, not covered by epsilon: loss_d {row['loss_d']:.5f} "
               f"loss_g {row['loss_g']:.5f} W {row['wasserstein']:.5f} D(x) {row['d_real']:.4f} "
               f"D(G(z)) {row['d_fake']:.4f}{describe_diagnostics(row)} | per patch: epsilon {epsilon_valid:.4g} "
               f"(RDP), {epsilon_prv:.4g} (PRV), "
               f"delta {self.delta:.3g}{counted} | per patient: {describe_group_privacy(g['per_patient'])} | "
-              f"steps {row['steps']} | {row['seconds']:.1f} s", flush=True)
+              f"steps {row['steps']}{schedule} | {row['seconds']:.1f} s", flush=True)
         return row

@@ -13,7 +13,9 @@ from utils.common import PipelineError, atomic_write, save_figure
 # samples clipped, and the norm of the noise over the norm of the clipped sum, averaged over the epoch's steps.
 DP_DIAGNOSTICS = ("grad_norm_median", "clipped_fraction", "noise_to_signal")
 LOG_COLUMNS = ("epoch", "loss_d", "loss_g", "wasserstein", "d_real", "d_fake", "epsilon", "epsilon_valid",
-               "epsilon_valid_prv", *DP_DIAGNOSTICS, "steps", "seconds")
+               "epsilon_valid_prv", *DP_DIAGNOSTICS, "steps", "generator_updates", "n_discr", "seconds")
+COUNT_COLUMNS = ("epoch", "steps", "generator_updates", "n_discr")
+LATER_COLUMNS = ("generator_updates", "n_discr")  # absent from the logs of earlier versions
 
 
 def describe_diagnostics(row):
@@ -44,13 +46,15 @@ def write_log(path, rows):
 
 
 def read_log(path):
-    """log.csv rows with numbers as numbers ("inf" epsilon of a non-private run included); [] if there is no log."""
+    """log.csv rows with numbers as numbers ("inf" epsilon of a non-private run included); [] if there is no log.
+    A column added since (LATER_COLUMNS) that the log of an earlier version lacks reads as nan."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     try:
-        return [{k: (int(float(v)) if k in ("epoch", "steps") else float(v)) for k, v in row.items()} for row in rows]
+        return [{**dict.fromkeys(LATER_COLUMNS, math.nan),
+                 **{k: (int(float(v)) if k in COUNT_COLUMNS else float(v)) for k, v in row.items()}} for row in rows]
     except (TypeError, ValueError) as err:
         raise PipelineError(f"GAN log {path} has a value that is not a number: {err}") from None
 
