@@ -193,10 +193,18 @@ ADAPTIVE = ("--loss", "ns", "--n_discr", "1", "--adaptive_critic", "0.99", "--ad
 
 
 def test_an_adaptive_n_d_moves_generator_steps_and_keeps_the_noisy_steps_and_epsilon_of_the_fixed_plan(
-        work, dp_steps):
+        work, dp_steps, monkeypatch):
+    drawn, observed, generated = [], [], []
+    real_batch, observe, step = gan.GanTrial.real_batch, gan.AdaptiveCriticSteps.observe, gan.generator_step
+    monkeypatch.setattr(gan.GanTrial, "real_batch", lambda self: drawn.append(1) or real_batch(self))
+    monkeypatch.setattr(gan.AdaptiveCriticSteps, "observe", lambda self, s: observed.append(s) or observe(self, s))
+    monkeypatch.setattr(gan, "generator_step", lambda *a, **k: generated.append(step(*a, **k)) or generated[-1])
     trial = train("--epochs", "2", *ADAPTIVE)
     planned = 2 * steps_per_epoch(N_PATCHES, config.BATCH_SIZE) * 1
-    assert len(dp_steps) == trial.accounted_steps() == planned
+    assert len(dp_steps) == trial.accounted_steps() == len(drawn) == planned  # a fresh batch per noisy step
+    # the schedule reads the critic's scores of the generator step's generated batch, nothing computed on real data
+    assert len(observed) == len(generated) == trial.generator_updates
+    assert all(o is g for o, g in zip(observed, generated))
     rows = log_rows()
     expected = gan_privacy(config.NOISE_MULTIPLIER, 2, config.BATCH_SIZE, N_PATCHES, 1)["epsilon_valid"]
     assert float(rows[1]["epsilon_valid"]) == pytest.approx(expected, rel=1e-9)
@@ -212,6 +220,25 @@ def test_an_adaptive_run_resumes_with_its_schedule(work):
     assert resumed.generator_updates == straight.generator_updates
     a, b = log_rows("straight")[1], log_rows()[1]
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_a_trial_of_an_earlier_version_resumes_and_its_log_reads_back(one_epoch, copy_shared):
+    copy_shared(one_epoch.root)
+    config_json = gan_results_dir("t") / "config.json"
+    stored = json.loads(config_json.read_text())
+    for flag in gan_checkpoints.FLAGS_ADDED_LATER:
+        del stored["args"][flag]
+    config_json.write_text(json.dumps(stored))
+    log_path = gan_results_dir("t") / "log.csv"
+    rows = [{k: v for k, v in row.items() if k not in gan_log.LATER_COLUMNS} for row in log_rows()]
+    with open(log_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    train("--epochs", "2", "--resume")
+    old, new = gan_log.read_log(log_path)
+    assert math.isnan(old["generator_updates"]) and new["generator_updates"] == 2 * steps_per_epoch(
+        N_PATCHES, config.BATCH_SIZE) and new["n_discr"] == config.N_DISCR
 
 
 def test_a_batch_in_physical_batches_trains_and_accounts_as_one_pass(one_epoch, work, monkeypatch):

@@ -22,7 +22,9 @@ from utils.gan_log import read_log
 # Flags that may change when a trial is resumed: they do not change what is trained or how it is accounted.
 RESUMABLE_CHANGES = ("resume", "epochs", "device", "grad_sample_mode", "max_physical_batch", "amp")
 # Flags newer than some trials, with the value those trials ran with (absent from their config.json).
-FLAGS_ADDED_LATER = {"audit_canaries": 0, "init_from": None, "max_physical_batch": None, "amp": False}
+# Without the adaptive schedule its grace is moot: whatever the current default.
+FLAGS_ADDED_LATER = {"audit_canaries": 0, "init_from": None, "max_physical_batch": None, "amp": False,
+                     "adaptive_critic": None, "adaptive_grace": config.ADAPTIVE_GRACE}
 
 
 def model_args(args):

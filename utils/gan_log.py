@@ -45,6 +45,12 @@ def write_log(path, rows):
     atomic_write(path, write)
 
 
+def count_or_nan(text):
+    """A count column's value: an int, or nan where an earlier version's row lacked the column."""
+    value = float(text)
+    return value if math.isnan(value) else int(value)
+
+
 def read_log(path):
     """log.csv rows with numbers as numbers ("inf" epsilon of a non-private run included); [] if there is no log.
     A column added since (LATER_COLUMNS) that the log of an earlier version lacks reads as nan."""
@@ -54,7 +60,7 @@ def read_log(path):
         rows = list(csv.DictReader(f))
     try:
         return [{**dict.fromkeys(LATER_COLUMNS, math.nan),
-                 **{k: (int(float(v)) if k in COUNT_COLUMNS else float(v)) for k, v in row.items()}} for row in rows]
+                 **{k: count_or_nan(v) if k in COUNT_COLUMNS else float(v) for k, v in row.items()}} for row in rows]
     except (TypeError, ValueError) as err:
         raise PipelineError(f"GAN log {path} has a value that is not a number: {err}") from None
 
