@@ -155,9 +155,7 @@ def study_row(name, seed, demo_work, augmentations, device):
         vessel_fraction = round(float(pairs["label"].mean()), 4)
     row = {"row": name, "seed": seed, "change": RECIPES[name][0], "noise": noise,
            "epsilon_valid": json.loads(set_path.with_suffix(".json").read_text())["epsilon_valid"],
-           # a log written before it had the column: the fixed plan's updates
-           "updates": log[-1]["generator_updates"] if math.isfinite(log[-1]["generator_updates"]) else
-           critic_steps // gan_args["n_discr"], "critic_steps": critic_steps, "gan_seconds": gan_seconds,
+           "updates": log[-1]["generator_updates"], "critic_steps": critic_steps, "gan_seconds": gan_seconds,
            "vessel_fraction": vessel_fraction}
     for key in ("noise_to_signal", "clipped_fraction"):  # DP diagnostics, averaged over the epochs (internal)
         values = [r[key] for r in log]

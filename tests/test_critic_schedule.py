@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils.critic_schedule import LADDER, AdaptiveCriticSteps, critic_steps_this_update
+from utils.critic_schedule import LADDER, AdaptiveCriticSteps
 
 FOOLED = torch.ones(8)  # every generated sample scored as real: the critic's accuracy on them is 0
 CAUGHT = -torch.ones(8)  # every one scored as fake: accuracy 1
@@ -54,12 +54,3 @@ def test_bad_settings_are_refused_naming_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         AdaptiveCriticSteps(**kwargs)
 
-
-def test_an_epoch_takes_exactly_its_critic_steps_whatever_the_rung():
-    schedule = AdaptiveCriticSteps(start=5, threshold=0.6, grace=1)
-    done, per_epoch = 0, 12
-    taken = []
-    while done < per_epoch:
-        taken.append(critic_steps_this_update(schedule, 5, done, per_epoch))
-        done += taken[-1]
-    assert taken == [5, 5, 2] and critic_steps_this_update(None, 3, 0, per_epoch) == 3

@@ -1,4 +1,4 @@
-"""Critic steps per generator step (n_D): fixed, or Bie et al.'s (2023, "Private GANs, Revisited") adaptive schedule.
+"""Bie et al.'s (2023, "Private GANs, Revisited") adaptive schedule of critic steps per generator step (n_D).
 
 Adaptive: n_D climbs a fixed ladder (1, 2, 5, 10, 20, ...), starting at --n_discr, never down, when the critic
 loses its edge: an exponential moving average (decay 0.99) of its accuracy on generated samples (the share the
@@ -48,10 +48,4 @@ class AdaptiveCriticSteps:
 
     def load_state_dict(self, state):
         self.rung, self.accuracy_ema, self.since_change = state["rung"], state["accuracy_ema"], state["since_change"]
-
-
-def critic_steps_this_update(schedule, n_discr, done, per_epoch):
-    """Critic steps before the next generator step: n_discr (fixed) or the schedule's rung, never past the epoch's
-    per_epoch critic steps (done of them taken)."""
-    return min(n_discr if schedule is None else schedule.n_discr, per_epoch - done)
 

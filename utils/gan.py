@@ -35,7 +35,7 @@ from utils.common import (
     save_torch,
     versions,
 )
-from utils.critic_schedule import AdaptiveCriticSteps, critic_steps_this_update
+from utils.critic_schedule import AdaptiveCriticSteps
 from utils.gan_checkpoints import (
     build_networks,
     check_resumed_settings,
@@ -323,8 +323,9 @@ class GanTrial:
         self.diagnostics = []
 
     def critic_steps_next(self, done):
-        """Critic steps before the next generator step, done of the epoch's critic_steps_per_epoch taken."""
-        return critic_steps_this_update(self.critic_schedule, self.args.n_discr, done, self.critic_steps_per_epoch)
+        """Critic steps before the next generator step, done of the epoch's critic_steps_per_epoch taken: n_D, or
+        the rest of the epoch where n_D does not divide it."""
+        return min(self.current_n_discr(), self.critic_steps_per_epoch - done)
 
     def critic_step(self, real, fake):
         with self.autocast():
@@ -379,6 +380,7 @@ class GanTrial:
         return {**means, **{k: float(v) for k, v in zip(DP_DIAGNOSTICS, values)}}
 
     def current_n_discr(self):
+        """Critic steps per generator step now: --n_discr, or the adaptive schedule's rung."""
         return self.args.n_discr if self.critic_schedule is None else self.critic_schedule.n_discr
 
     # -- privacy --
@@ -399,7 +401,7 @@ class GanTrial:
         shown = {"eps": f"{g['epsilon_valid']:.3f}"} if self.args.dp_mode == "strict" else \
             {"eps_valid": f"{g['epsilon_valid']:.3g}", "eps_paper_count(invalid)": f"{g['epsilon']:.3f}"}
         if self.critic_schedule is not None:
-            shown["n_D"] = self.critic_schedule.n_discr
+            shown["n_D"] = self.current_n_discr()
         return {"loss_d": f"{means['loss_d']:.4f}", "loss_g": f"{means['loss_g']:.4f}", **shown}
 
     # -- end of an epoch: log, figures, then the checkpoint that commits it; one line --
