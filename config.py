@@ -115,6 +115,9 @@ UNET_SEED = 7
 # Output bias starts at logit(vessel fraction of the training labels), not 0 (the authors' Keras): from p = 0.5 the
 # soft Dice's first Adam steps can throw the U-Net into its all-zero output (utils/unet.py). False: Keras's zero.
 UNET_START_AT_PRIOR = True
+# A U-Net that ends an epoch collapsed (below) is trained again from scratch with another seed, at most this many
+# times: whether one falls into the all-zero output depends on its seed (utils/unet.py). 0: keep it, flagged.
+UNET_COLLAPSE_RETRIES = 2
 
 # ---- Evaluation (step 5) ----
 PREDICTION_THRESHOLD = 0.5

@@ -1,5 +1,7 @@
 """Seed study of the U-Net trained on the real patches: how much its test DSC moves with the seeds,
-and whether any U-Net collapses (predicts no vessel; see utils/unet.py HISTORY_FIELDS and utils/evaluation.py).
+and whether any U-Net collapses (predicts no vessel; see utils/unet.py HISTORY_FIELDS and utils/evaluation.py):
+`retrained` counts the seeds that collapsed in training and were replaced (config.UNET_COLLAPSE_RETRIES),
+`collapsed` the U-Nets that still predict no vessel on val.
 
 A CPU's rounding acts like another seed, so robustness is measured over seeds. For every phantom seed it writes
 the phantoms (as `make_phantoms.py --seed S`) in ROOT/data_S; for every U-Net seed U it extracts the training
@@ -25,13 +27,14 @@ import torch  # noqa: E402
 
 import config  # noqa: E402
 import run_unet  # noqa: E402
-from utils.common import patches_path, resolve_device  # noqa: E402
+from utils.common import load_json, patches_path, resolve_device, unet_dir  # noqa: E402
 from utils.evaluation import select_and_test  # noqa: E402
 from utils.patches import write_patches  # noqa: E402
 from utils.phantoms import write_phantoms  # noqa: E402
-from utils.unet import run_unets  # noqa: E402
+from utils.unet import grid, run_name, run_unets  # noqa: E402
 
-COLUMNS = ("phantom_seed", "unet_seed", "best_unet", "val_dsc", "test_dsc", "test2_dsc", "collapsed", "seconds")
+COLUMNS = ("phantom_seed", "unet_seed", "best_unet", "val_dsc", "test_dsc", "test2_dsc", "retrained", "collapsed",
+           "seconds")
 
 
 def study_row(phantom_seed, unet_seed, device):
@@ -43,18 +46,21 @@ def study_row(phantom_seed, unet_seed, device):
     run_unets(run_unet.parse_args(["--real", "--device", str(device)]))
     selection = select_and_test("real", "python run_unet.py --real", device)
     collapsed = selection["collapsed"]
+    retrained = sum(len(load_json(unet_dir("real") / run_name(params) / "meta.json", "U-Net meta")["collapsed_seeds"])
+                    for params in grid())
     return {"phantom_seed": phantom_seed, "unet_seed": unet_seed, "best_unet": selection["best"].name,
             "val_dsc": selection["val"][selection["best"].name]["dsc_mean"],
             "test_dsc": selection["test"]["dsc_mean"], "test2_dsc": selection["test2"]["dsc_mean"],
-            "collapsed": f"{len(collapsed)} of {len(selection['val'])}", "seconds": round(time.time() - start)}
+            "retrained": retrained, "collapsed": f"{len(collapsed)} of {len(selection['val'])}",
+            "seconds": round(time.time() - start)}
 
 
 def print_table(rows):
     print(f"{'phantom seed':>12}  {'U-Net seed':>10}  {'val DSC':>7}  {'test DSC':>8}  {'test2 DSC':>9}  "
-          f"{'collapsed':>9}  {'seconds':>7}")
+          f"{'retrained':>9}  {'collapsed':>9}  {'seconds':>7}")
     for r in rows:
         print(f"{r['phantom_seed']:>12}  {r['unet_seed']:>10}  {r['val_dsc']:>7.3f}  {r['test_dsc']:>8.3f}  "
-              f"{r['test2_dsc']:>9.3f}  {r['collapsed']:>9}  {r['seconds']:>7}")
+              f"{r['test2_dsc']:>9.3f}  {r['retrained']:>9}  {r['collapsed']:>9}  {r['seconds']:>7}")
     for split in ("val", "test", "test2"):
         values = [r[f"{split}_dsc"] for r in rows]
         print(f"{split} DSC: min {min(values):.3f}, max {max(values):.3f}, range {max(values) - min(values):.3f}")

@@ -8,6 +8,7 @@ import torch
 
 import config
 import run_unet
+import utils.unet as unet_module
 from model import UNet
 from utils.common import file_sha256, minmax_scale, patches_path, save_json, save_npz, synthetic_path, unet_dir
 from utils.unet import (
@@ -190,9 +191,10 @@ def test_run_unet_on_real_patches_writes_models_and_skips_existing(dirs, capsys)
         assert saved["mean"] == pytest.approx(mean) and saved["sd"] == pytest.approx(sd)
         assert {"lr", "dropout", "augmentation", "epochs", "batch_size", "kernels", "train_input", "n_train",
                 "seconds"} <= set(meta)
+        assert meta["collapsed_seeds"] == [] and meta["seed"] in (config.UNET_SEED, config.UNET_SEED + 1)
         assert (meta["n_train"], meta["train_input"], meta["kernels"]) == (N, "real", list(config.UNET_KERNELS))
         lines = (run_dir / "history.csv").read_text().splitlines()
-        assert lines[0] == "epoch,loss,predicted_per_true_vessel,collapsed,seconds"
+        assert lines[0] == "seed,epoch,loss,predicted_per_true_vessel,collapsed,seconds"
         assert len(lines) == 1 + config.UNET_EPOCHS
         model, loaded = load_unet(run_dir, "cpu")
         assert not model.training and loaded["mean"] == pytest.approx(mean)
@@ -326,6 +328,65 @@ def test_history_flags_a_unet_that_predicts_no_vessel_as_collapsed(monkeypatch):
     monkeypatch.setattr(UNet, "forward", saturated_at_zero)
     _, history = train_unet(images, labels, params, 100.0, 50.0, 0)
     assert [(row["collapsed"], row["predicted_per_true_vessel"]) for row in history] == [(1, 0.0), (1, 0.0)]
+    # asked to, it stops after the first collapsed epoch: the all-zero output is where it would stay
+    _, history = train_unet(images, labels, params, 100.0, 50.0, 0, stop_if_collapsed=True)
+    assert [(row["seed"], row["epoch"], row["collapsed"]) for row in history] == [(0, 0, 1)]
+
+
+def saturated_for_seeds(monkeypatch, seeds):
+    """U-Nets trained with one of `seeds` collapse (sigmoid 0 on every pixel); the others train as they do."""
+    forward, real_train = UNet.forward, unet_module.train_unet
+
+    def train_unet_(images, labels, params, mean, sd, seed, **kwargs):
+        if seed in seeds:
+            monkeypatch.setattr(UNet, "forward", lambda self, x: torch.sigmoid(forward(self, x) * 0 - 30))
+        try:
+            return real_train(images, labels, params, mean, sd, seed, **kwargs)
+        finally:
+            monkeypatch.setattr(UNet, "forward", forward)
+
+    monkeypatch.setattr(unet_module, "train_unet", train_unet_)
+
+
+def retries_on(monkeypatch, retries):
+    """Two epochs of U-Nets that predict vessel unless made to collapse (from p = 0.5, four steps leave pixels
+    above 0.5) and `retries` retries."""
+    monkeypatch.setattr(config, "UNET_EPOCHS", 2)
+    monkeypatch.setattr(config, "UNET_START_AT_PRIOR", False)
+    monkeypatch.setattr(config, "UNET_COLLAPSE_RETRIES", retries)
+
+
+def test_a_unet_that_collapses_is_trained_again_with_another_seed(dirs, monkeypatch, capsys):
+    write_real()
+    retries_on(monkeypatch, 2)
+    first = config.UNET_SEED  # the grid's first U-Net; the grid has two, so its retry takes seed first + 2
+    saturated_for_seeds(monkeypatch, {first})
+    train("--real", "--device", "cpu")
+    run_dir = unet_dir("real") / run_name(grid()[0])
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert (meta["seed"], meta["collapsed_seeds"], meta["collapsed"]) == (first + 2, [first], False)
+    history = (run_dir / "history.csv").read_text().splitlines()[1:]
+    # the collapsed attempt stopped after its first epoch; the retry trained every epoch and did not collapse
+    assert [tuple(line.split(",")[i] for i in (0, 1, 4)) for line in history] == [
+        (str(first), "0", "1"), (str(first + 2), "0", "0"), (str(first + 2), "1", "0")]
+    assert f"seed {first} collapsed after epoch 0" in capsys.readouterr().out
+    other = json.loads((unet_dir("real") / run_name(grid()[1]) / "meta.json").read_text())
+    assert (other["seed"], other["collapsed_seeds"]) == (first + 1, [])  # the other U-Net of the grid: untouched
+
+
+def test_a_unet_that_collapses_with_every_seed_is_kept_and_flagged(dirs, monkeypatch):
+    write_real()
+    retries_on(monkeypatch, 1)
+    first = config.UNET_SEED
+    saturated_for_seeds(monkeypatch, {first, first + 2})
+    train("--real", "--device", "cpu")
+    run_dir = unet_dir("real") / run_name(grid()[0])
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert (meta["seed"], meta["collapsed_seeds"], meta["collapsed"]) == (first + 2, [first], True)
+    assert (run_dir / "model.pt").is_file()  # kept: evaluation names it and never selects it while another exists
+    history = (run_dir / "history.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[:2] for line in history] == [[str(first), "0"], [str(first + 2), "0"],
+                                                         [str(first + 2), "1"]]  # the last attempt runs to its end
 
 
 @pytest.mark.parametrize("start_at_prior", [True, False])

@@ -17,8 +17,10 @@ Choices, where the paper leaves room (docs/design-choices.md):
   logit down together; on synthetic pairs they land on pixels that are not vessel (training loss -0.0001 from
   the first epoch). Started at the prior, the gradient from the first step is about where the vessels are
   (measured on the demo's sets, lr 3e-4: real pairs, pooled test-patch Dice 0.61 after 75 steps instead of the
-  plateau; synthetic pairs 0.45 instead of 0.01). A U-Net that still collapses is flagged (HISTORY_FIELDS,
-  is_collapsed).
+  plateau; synthetic pairs 0.45 instead of 0.01). A U-Net that still collapses (is_collapsed, on its check
+  patches at an epoch's end) is trained again from scratch with the next seed, up to config.UNET_COLLAPSE_RETRIES
+  times (whether a U-Net falls in depends on its seed: on one synthetic set seed 7 did from its first epoch and
+  seed 8 scored 0.66); one that collapses every time is kept and flagged (HISTORY_FIELDS, meta.json).
 - Steps: an epoch has 2 N // batch steps (at least 1). Its batches are consecutive slices of two fresh random
   permutations of the training set, so every patch is seen at most (and, but for the remainder, exactly)
   twice per epoch, like Keras's reshuffling iterator with steps_per_epoch = 2 N / batch.
@@ -63,11 +65,12 @@ from utils.locks import owned
 SMOOTH = 1.0
 STATS_CHUNK = 2048  # patches per chunk when scaling the training set (bounds the temporary memory)
 PROGRESS_EVERY = 20  # training steps between refreshes of the progress bar's loss (reading it makes a GPU wait)
-# history.csv, one row per epoch. predicted_per_true_vessel: on a fixed batch of training patches with vessel
+# history.csv, one row per epoch of every attempt (seed: a U-Net that collapsed is trained again with another seed,
+# and the rows of its attempts stay). predicted_per_true_vessel: on a fixed batch of training patches with vessel
 # (check_patches), the U-Net's pixels above config.PREDICTION_THRESHOLD at the epoch's end per true vessel pixel;
 # collapsed: 1 if the U-Net predicts (almost) no vessel (is_collapsed): the soft Dice's all-zero output, from which
 # its gradient, scaled by the sigmoid's slope, does not bring it back.
-HISTORY_FIELDS = ("epoch", "loss", "predicted_per_true_vessel", "collapsed", "seconds")
+HISTORY_FIELDS = ("seed", "epoch", "loss", "predicted_per_true_vessel", "collapsed", "seconds")
 
 
 def grid():
@@ -179,9 +182,10 @@ def steps_per_epoch(n_train):
     return max(1, 2 * n_train // config.UNET_BATCH_SIZE)
 
 
-def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
+def train_unet(images, labels, params, mean, sd, seed, desc="U-Net", stop_if_collapsed=False):
     """Train one U-Net on prepared images (N x 1 x 96 x 96, standardised) and labels (N x 1 x 96 x 96, 0/1)
-    that are already on the training device. Returns (model, history rows)."""
+    that are already on the training device. Returns (model, history rows); with stop_if_collapsed it stops after
+    the first epoch that ends collapsed (the state it does not leave: training on would only cost time)."""
     torch.manual_seed(seed)
     device = images.device
     if device.type == "cuda":  # every batch has the same shape: cuDNN times its kernels once and keeps the fastest
@@ -215,11 +219,31 @@ def train_unet(images, labels, params, mean, sd, seed, desc="U-Net"):
                 if step % PROGRESS_EVERY == 0 or step == steps - 1:
                     bar.set_postfix(epoch=epoch, loss=f"{float(total) / (step + 1):.4f}")
             predicted = predicted_vessel_pixels(model, check)
-            history.append({"epoch": epoch, "loss": float(total) / steps,
+            history.append({"seed": seed, "epoch": epoch, "loss": float(total) / steps,
                             "predicted_per_true_vessel": predicted / max(n_check_vessel, 1),
                             "collapsed": int(is_collapsed(predicted, n_check_vessel)),
                             "seconds": round(time.time() - start, 2)})
+            if stop_if_collapsed and history[-1]["collapsed"]:
+                break
     return model.eval(), history
+
+
+def train_unet_until_not_collapsed(images, labels, params, mean, sd, first_seed, seed_step, desc="U-Net"):
+    """train_unet with first_seed; while the U-Net ends collapsed, again from scratch with the seed seed_step
+    further, up to config.UNET_COLLAPSE_RETRIES more times (seed_step: the grid's size, so no two U-Nets of a grid
+    share a seed). Returns (model, seed, history rows of every attempt, seeds that collapsed)."""
+    history, collapsed_seeds = [], []
+    for attempt in range(config.UNET_COLLAPSE_RETRIES + 1):
+        seed = first_seed + attempt * seed_step
+        last = attempt == config.UNET_COLLAPSE_RETRIES
+        model, rows = train_unet(images, labels, params, mean, sd, seed, desc=f"{desc} seed {seed}",
+                                 stop_if_collapsed=not last)
+        history += rows
+        if not rows[-1]["collapsed"] or last:
+            return model, seed, history, collapsed_seeds
+        collapsed_seeds.append(seed)
+        print(f"{desc}: seed {seed} collapsed after epoch {rows[-1]['epoch']} (predicts no vessel on its check "
+              f"patches); trained again from scratch with seed {seed + seed_step}", flush=True)
 
 
 def check_patches(images, labels, n):
@@ -292,8 +316,8 @@ def train_unets(args, train_input):
         params = runs[i]
         run_dir = folder / run_name(params)
         start = time.time()
-        model, history = train_unet(images, labels, params, mean, sd, config.UNET_SEED + i,
-                                    desc=f"{train_input}/{run_name(params)}")
+        model, seed, history, collapsed_seeds = train_unet_until_not_collapsed(
+            images, labels, params, mean, sd, config.UNET_SEED + i, len(runs), desc=f"{train_input}/{run_name(params)}")
         seconds = round(time.time() - start, 1)
         meta = {**params, "epochs": config.UNET_EPOCHS, "batch_size": config.UNET_BATCH_SIZE,
                 "kernels": list(config.UNET_KERNELS), "steps_per_epoch": steps_per_epoch(len(img)),
@@ -301,7 +325,7 @@ def train_unets(args, train_input):
                 "start_at_prior": config.UNET_START_AT_PRIOR, "mean": mean, "sd": sd,
                 "train_input": train_input, "train_path": str(path), "train_sha256": digest, "n_train": len(img),
                 "skull_stripped": skull_stripped,
-                "seed": config.UNET_SEED + i,
+                "seed": seed, "collapsed_seeds": collapsed_seeds,
                 "final_loss": history[-1]["loss"], "collapsed": bool(history[-1]["collapsed"]), "seconds": seconds,
                 "device": str(device),
                 "preset": config.PRESET, "versions": versions()}
