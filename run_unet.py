@@ -5,7 +5,8 @@
 
 One folder per U-Net under work/unets/<training input>/<lr..._do..._aug...>/ with model.pt, meta.json and
 history.csv (its `collapsed` column marks an epoch after which the U-Net predicts (almost) no vessel: it is then
-trained again with another seed, config.UNET_COLLAPSE_RETRIES times at most). A U-Net that exists already is skipped (--overwrite retrains it). The grid, epochs and batch size are config.UNET_* values.
+trained again with another seed, config.UNET_COLLAPSE_RETRIES times at most). A U-Net that exists already is
+skipped (--overwrite retrains it). The grid, epochs and batch size are config.UNET_* values.
 """
 
 import argparse

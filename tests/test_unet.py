@@ -417,3 +417,12 @@ def test_unets_another_live_run_is_training_are_refused_before_anything_is_read(
         run_unet.main(["--real"])
     assert f"the U-Nets of real is in use by process {os.getppid()}" in capsys.readouterr().err
     assert not unet_dir("real").exists()
+
+
+def test_a_bad_number_of_retries_is_refused_before_training(dirs, monkeypatch, capsys):
+    write_real()
+    monkeypatch.setattr(config, "UNET_COLLAPSE_RETRIES", -1)
+    with pytest.raises(SystemExit):
+        train("--real", "--device", "cpu")
+    assert "config.UNET_COLLAPSE_RETRIES is -1" in capsys.readouterr().err
+    assert not any(unet_dir("real").glob("*/model.pt"))

@@ -303,6 +303,10 @@ def train_unets(args, train_input):
     if not todo:
         return folder
     check_writable(folder, "U-Nets")  # before hours of training, not after
+    retries = config.UNET_COLLAPSE_RETRIES
+    if not isinstance(retries, int) or retries < 0:
+        raise PipelineError(f"config.UNET_COLLAPSE_RETRIES is {retries!r}: it must be a whole number >= 0 (0: keep "
+                            "a collapsed U-Net, flagged)")
     device = resolve_device(args.device)
     mean, sd = standardisation(img)
     if sd == 0:
