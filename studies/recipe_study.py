@@ -174,6 +174,29 @@ def table(root):
     print("|" + "---|" * len(COLUMNS))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "")) for k in COLUMNS) + " |")
+    print_seed_summary(rows)
+
+
+def print_seed_summary(rows):
+    """Mean, SD (n - 1) and worst seed of each row's test and test2 DSC over the GAN seeds it was run with: the
+    figures by which a recipe is judged over seeds."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["row"], r.get("thresh")), []).append(r)
+    print("\n| row | thresh | GAN seeds | " + " | ".join(f"{split} DSC mean (SD), worst (seed)"
+                                                         for split in ("test", "test2")) + " |")
+    print("|---|---|---|---|---|")
+    for (name, thresh), group in groups.items():
+        cells = []
+        for split in ("test", "test2"):
+            # the U-Net with augmentation where the row trained one (the demo's), else without
+            scored = [(r[f"{split}_dsc_aug1"] if r.get(f"{split}_dsc_aug1") is not None else r[f"{split}_dsc_aug0"],
+                       r["seed"]) for r in group]
+            values = np.array([value for value, _ in scored])
+            sd = f"{values.std(ddof=1):.3f}" if len(values) > 1 else "-"
+            worst = min(scored)
+            cells.append(f"{values.mean():.3f} ({sd}), {worst[0]:.3f} ({worst[1]})")
+        print(f"| {name} | {thresh} | {', '.join(str(r['seed']) for r in group)} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None):
@@ -190,7 +213,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     augmentations = {"off": (False,), "on": (True,), "both": (False, True)}[args.unet_aug]
     default_thresh, config.THRESH = config.THRESH, args.thresh
-    if not (args.demo_work / "public").is_dir():
+    if args.rows and not (args.demo_work / "public").is_dir():
         raise SystemExit(f"the demo's public GAN is not in {args.demo_work}: run `make demo` first")
     for name in args.rows:
         config.WORK_DIR = args.root / f"{name}_seed{args.seed}"
