@@ -1,7 +1,8 @@
 # make test: set up .venv (Python 3.11) and run lint + tests (keeping only failed tests' temporary folders: the
 # suite writes about 1 GB of them, and a full disk fails it).  make demo: the whole pipeline, small, on the CPU.
 # make utility: the demo's steps with the recipe of presets/utility.py (about 45 min); outputs in utility_work/.
-# make curve: a small privacy-utility curve (presets/curve.py, sweep.py) on the CPU; outputs in curve_work/.
+# make curve: a small privacy-utility curve (presets/curve.py; demo.py --curve runs sweep.py from the demo's public
+# GAN) on the CPU; outputs in curve_work/.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -30,8 +31,4 @@ utility: $(STAMP)
 	DPGAN_PRESET=utility DPGAN_DATA_DIR=demo_data DPGAN_WORK_DIR=utility_work $(PY) demo.py
 
 curve: $(STAMP)
-	$(CURVE) $(PY) make_phantoms.py
-	for split in train val test; do test -f curve_work/patches/$${split}_patches.npz || \
-		$(CURVE) $(PY) extract_patches.py --split $$split || exit 1; done
-	$(CURVE) $(PY) sweep.py --executor local --max_parallel $(CURVE_JOBS)
-	$(CURVE) $(PY) compare_results.py
+	$(CURVE) $(PY) demo.py --curve --max_parallel $(CURVE_JOBS)

@@ -8,12 +8,15 @@ without, so that their rows differ by privacy alone -> synthetic sets (and their
 membership-inference audit of each set and of a copy of the training patches (the positive control) -> U-Nets
 on real and on each synthetic set -> evaluation -> one side-by-side table. A step whose output exists is skipped, so
 running it again reuses what is there (delete demo_work/ to start over). `make utility` runs the same steps with
-presets/utility.py (a longer recipe; outputs in utility_work/), its trials named after the preset.
+presets/utility.py (a longer recipe; outputs in utility_work/), its trials named after the preset. `make curve`
+(`demo.py --curve`, presets/curve.py) makes the same data and public GAN and then runs sweep.py's grid of noise
+multipliers and seeds, every job trained on from the public GAN as the demo's two GANs are.
 
 Steps that do not depend on each other run side by side, each on its share of the cores (a GAN's small layers use
 one core well and two poorly), with their output in demo_work/logs/.
 """
 
+import argparse
 import math
 import os
 import re
@@ -118,25 +121,56 @@ def public_env():
             "DPGAN_WORK_DIR": str(config.WORK_DIR / "public")}
 
 
+def public_start():
+    """The public GAN's last checkpoint: where every GAN trained on the patients starts."""
+    return checkpoint(PUBLIC_TRIAL, config.EPOCHS - 1, public_env()["DPGAN_WORK_DIR"])
+
+
+def finetune_flags():
+    """run_gan.py flags of every GAN trained on the patients (the demo's two, the curve's jobs): the public start
+    and the fine-tuning batch."""
+    return ["--init_from", str(public_start()), "--batch_size", str(FINETUNE_BATCH)]
+
+
+def phantoms_done(data_dir, splits):
+    last_masks = [data.patient_paths(s, phantoms.phantom_ids(s)[-1], data_dir)["mask"] for s in splits]
+    return lambda: all(path.is_file() for path in last_masks)
+
+
+def data_stages():
+    """Phantoms (the patients' and the public ones) and the patches of the GANs and of FID, in order."""
+    public = public_env()
+    public_patches = Path(public["DPGAN_WORK_DIR"]) / "patches" / common.patches_path("train").name
+    return [[Step("synthetic TOF-MRA phantoms", ["make_phantoms.py"], phantoms_done(config.DATA_DIR, config.SPLITS))],
+            [Step("public phantoms (other patients; they stand in for a public dataset)",
+                  ["make_phantoms.py", "--splits", "train", "--seed", str(PUBLIC_PHANTOM_SEED)],
+                  phantoms_done(public["DPGAN_DATA_DIR"], ["train"]), public)],
+            [Step("training patches", ["extract_patches.py", "--split", "train"],
+                  lambda: common.patches_path("train").is_file())],
+            [Step("public patches", ["extract_patches.py", "--split", "train"], public_patches.is_file, public)],
+            [Step("test patches (for FID)", ["extract_patches.py", "--split", "test"],
+                  lambda: common.patches_path("test").is_file())]]
+
+
+def public_gan():
+    public = public_env()
+    return Step(f"DP-GAN {PUBLIC_TRIAL} (noise inf, {config.EPOCHS} epochs on public phantoms)",
+                gan_args(PUBLIC_TRIAL, math.inf, config.EPOCHS, public["DPGAN_WORK_DIR"]),
+                lambda: gan_done(PUBLIC_TRIAL, config.EPOCHS, public["DPGAN_WORK_DIR"]), public)
+
+
 def demo_stages(noisem):
     """The demo's stages, in order: lists of Steps that may run side by side."""
-    public = public_env()
-    public_work = public["DPGAN_WORK_DIR"]
-    public_start = checkpoint(PUBLIC_TRIAL, config.EPOCHS - 1, public_work)
     private, nonprivate = f"{config.PRESET}_private", f"{config.PRESET}_nonprivate"
     trials = {nonprivate: (math.inf, PRIVATE_EPOCHS), private: (noisem, PRIVATE_EPOCHS)}
     select = {t: ["--trial", t, "--epoch", str(epochs - 1), "--thresh", str(THRESH)] for t, (_, epochs) in
               trials.items()}
     names = {t: common.synthetic_name(t, epochs - 1, THRESH) for t, (_, epochs) in trials.items()}
 
-    def gan(trial, env=None):
-        sigma, epochs = trials[trial] if trial in trials else (math.inf, config.EPOCHS)
-        args = gan_args(trial, sigma, epochs, env and public_work)
-        if trial in trials:
-            args += ["--init_from", str(public_start), "--batch_size", str(FINETUNE_BATCH)]
-        origin = " from the public GAN" if trial in trials else " on public phantoms" if env else ""
-        return Step(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs{origin})", args,
-                    lambda: gan_done(trial, epochs, env and public_work), env)
+    def gan(trial):
+        sigma, epochs = trials[trial]
+        return Step(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs from the public GAN)",
+                    gan_args(trial, sigma, epochs) + finetune_flags(), lambda: gan_done(trial, epochs))
 
     def synthesis_and_audit(trial):
         epochs = trials[trial][1]
@@ -148,23 +182,10 @@ def demo_stages(noisem):
     def unets(name, flags):
         return Step(f"U-Nets on {name}", ["run_unet.py", *flags])
 
-    def phantoms_done(data_dir, splits):
-        last_masks = [data.patient_paths(s, phantoms.phantom_ids(s)[-1], data_dir)["mask"] for s in splits]
-        return lambda: all(path.is_file() for path in last_masks)
-
-    public_patches = Path(public_work) / "patches" / common.patches_path("train").name
     sets = [("real", ["--real"])] + [(names[t], select[t]) for t in trials]
-    stages = [[Step("synthetic TOF-MRA phantoms", ["make_phantoms.py"], phantoms_done(config.DATA_DIR, config.SPLITS))],
-              [Step("public phantoms (other patients; they stand in for a public dataset)",
-                    ["make_phantoms.py", "--splits", "train", "--seed", str(PUBLIC_PHANTOM_SEED)],
-                    phantoms_done(public["DPGAN_DATA_DIR"], ["train"]), public)],
-              [Step("training patches", ["extract_patches.py", "--split", "train"],
-                    lambda: common.patches_path("train").is_file())],
-              [Step("public patches", ["extract_patches.py", "--split", "train"], public_patches.is_file, public)],
-              [Step("test patches (for FID)", ["extract_patches.py", "--split", "test"],
-                    lambda: common.patches_path("test").is_file())],
+    stages = [*data_stages(),
               # the real-data U-Net trains beside the public GAN; both GANs of the training patches start from it
-              [gan(PUBLIC_TRIAL, public), unets(*sets[0])],
+              [public_gan(), unets(*sets[0])],
               [gan(nonprivate), gan(private)],
               *synthesis_and_audit(nonprivate),
               *synthesis_and_audit(private),
@@ -179,7 +200,42 @@ def demo_stages(noisem):
     return stages
 
 
-def main():
+def curve_stages(max_parallel):
+    """`make curve`: the demo's data and public GAN, then sweep.py's jobs (config.NOISE_MULTIPLIERS x GAN_SEEDS),
+    each trained on the patients from the public GAN with the demo's recipe (its epochs and batch), so that every
+    point of the curve, the non-private one too, has the same start and updates; then the tables and figures."""
+    sweep = ["sweep.py", "--executor", "local", "--max_parallel", str(max_parallel), "--epochs", str(PRIVATE_EPOCHS),
+             *finetune_flags()]
+    noises = ", ".join(f"{n:g}" for n in config.NOISE_MULTIPLIERS)
+    return [*data_stages(), [public_gan()],
+            [Step(f"the curve's GANs, synthetic sets, audits and U-Nets (sweep.py: noise {noises} x GAN seeds "
+                  f"{', '.join(map(str, config.GAN_SEEDS))}, {max_parallel} side by side)", sweep)],
+            [Step("comparison table and figures", ["compare_results.py"])]]
+
+
+def run_stages(stages):
+    total = sum(len(stage) for stage in stages)
+    start, first = time.time(), 1
+    for stage in stages:
+        run_stage(first, total, stage)
+        first += len(stage)
+    return start
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--curve", action="store_true", help="`make curve`: the privacy-utility curve (curve_stages)")
+    p.add_argument("--max_parallel", type=int, default=2, help="--curve: sweep jobs side by side")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.curve:
+        common.print_setup("curve")
+        start = run_stages(curve_stages(args.max_parallel))
+        print(f"curve finished in {(time.time() - start) / 60:.1f} min; outputs in {config.WORK_DIR}", flush=True)
+        return
     common.print_setup("demo")  # `make utility` runs this with DPGAN_PRESET=utility
     n_train = config.N_PATIENTS["train"] * config.PATCHES_PER_PATIENT
     noisem = privacy.noise_for_target_epsilon(TARGET_EPSILON, PRIVATE_EPOCHS, FINETUNE_BATCH, n_train,
@@ -188,12 +244,7 @@ def main():
     print(f"private GAN: noise multiplier {noisem} gives a strict epsilon <= {TARGET_EPSILON} after "
           f"{PRIVATE_EPOCHS} epochs at batch {FINETUNE_BATCH} (python -m utils.privacy --target_epsilon "
           f"{TARGET_EPSILON} ...), trained on from a GAN of public phantoms", flush=True)
-    stages = demo_stages(noisem)
-    total = sum(len(stage) for stage in stages)
-    start, first = time.time(), 1
-    for stage in stages:
-        run_stage(first, total, stage)
-        first += len(stage)
+    start = run_stages(demo_stages(noisem))
     control = common.load_json(audit_paths(MEMORISER)[0], "audit of the positive control")
     print(f"audit's positive control: a copy of the training patches scores MIA AUC {control['mia_auc']:.3f} (a "
           f"working attack finds it: >= 0.95), its control AUC {control['control_auc']:.3f}", flush=True)

@@ -50,3 +50,26 @@ def test_the_non_private_reference_has_the_private_gans_start_and_updates(monkey
     assert flag(nonprivate, "--epochs") == flag(private, "--epochs")
     assert flag(nonprivate, "--batch_size") == flag(private, "--batch_size") == str(demo.FINETUNE_BATCH)
     assert math.isinf(float(flag(nonprivate, "--noisem"))) and nonprivate.env is None
+
+
+def test_every_point_of_the_curve_trains_from_the_public_gan_with_the_demos_recipe(monkeypatch, dirs):
+    """make curve (demo.py --curve): the public GAN first, then sweep.py's jobs, the non-private one included, each
+    from its checkpoint with the demo's epochs and batch on the patients."""
+    import sweep
+    from utils.sweep import steps as job_steps
+
+    demo = load_demo(monkeypatch, dirs)
+    stages = demo.curve_stages(2)
+    runs = [(i, step) for i, step in steps(stages) if step.args[0] in ("run_gan.py", "sweep.py")]
+    (i_public, public), (i_sweep, sweep_step) = runs
+    assert public.args[2] == demo.PUBLIC_TRIAL and public.env == demo.public_env() and i_public < i_sweep
+    args, gan_flags = sweep.parse_args(sweep_step.args[1:])
+    assert args.executor == "local" and args.max_parallel == 2 and args.epochs == demo.PRIVATE_EPOCHS
+    assert args.noisem == list(config.NOISE_MULTIPLIERS) and args.seeds == list(config.GAN_SEEDS)
+    for noisem in (math.inf, 0.5):
+        gan = job_steps("t", noisem, 12, args.epochs, gan_flags, 0.5)[0][1]
+        flag = lambda name, argv=gan: argv[argv.index(name) + 1]  # noqa: E731
+        assert flag("--init_from") == str(demo.public_start()) == str(
+            dirs[1] / "public" / "models" / f"WGAN_{demo.PUBLIC_TRIAL}" / f"epoch_{config.EPOCHS - 1}.pth")
+        assert flag("--batch_size") == str(demo.FINETUNE_BATCH) and flag("--epochs") == str(demo.PRIVATE_EPOCHS)
+    assert steps(stages)[-1][1].args == ["compare_results.py"]

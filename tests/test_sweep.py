@@ -106,10 +106,11 @@ def test_the_laptop_curve_preset_builds_on_the_demo_and_its_noise_meets_epsilon_
     import subprocess
     import sys
 
-    code = ("import json, config; from utils import privacy\n"
+    # every job trains the demo's fine-tuning on the patients (demo.py --curve): its epochs at its batch
+    code = ("import json, config, demo; from utils import privacy\n"
             "n = config.N_PATIENTS['train'] * config.PATCHES_PER_PATIENT\n"
-            "eps = [privacy.gan_privacy(s, config.EPOCHS, config.BATCH_SIZE, n, config.N_DISCR)['epsilon_valid']\n"
-            "       for s in config.NOISE_MULTIPLIERS[1:]]\n"
+            "eps = [privacy.gan_privacy(s, demo.PRIVATE_EPOCHS, demo.FINETUNE_BATCH, n, config.N_DISCR)\n"
+            "       ['epsilon_valid'] for s in config.NOISE_MULTIPLIERS[1:]]\n"
             "print(json.dumps({'arch': config.ARCH, 'patch': config.PATCH_SIZE, 'seeds': list(config.GAN_SEEDS),\n"
             "                  'eps': eps, 'first': str(config.NOISE_MULTIPLIERS[0])}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=sweep_module.ROOT, capture_output=True, text=True,
