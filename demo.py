@@ -66,6 +66,8 @@ def run_stage(first, total, stage):
             print(f"{head}: done already, reused", flush=True)
         else:
             todo.append((head, step))
+    if not todo:
+        return
     if len(todo) == 1:
         head, step = todo[0]
         print(f"{head} ...", flush=True)

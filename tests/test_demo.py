@@ -73,3 +73,15 @@ def test_every_point_of_the_curve_trains_from_the_public_gan_with_the_demos_reci
             dirs[1] / "public" / "models" / f"WGAN_{demo.PUBLIC_TRIAL}" / f"epoch_{config.EPOCHS - 1}.pth")
         assert flag("--batch_size") == str(demo.FINETUNE_BATCH) and flag("--epochs") == str(demo.PRIVATE_EPOCHS)
     assert steps(stages)[-1][1].args == ["compare_results.py"]
+
+
+def test_a_stage_whose_steps_are_all_done_is_reused_not_run(monkeypatch, dirs, capsys):
+    """Running make demo (or make curve) again: what exists is reused, and a stage with nothing left runs nothing."""
+    demo = load_demo(monkeypatch, dirs)
+    ran = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(demo.subprocess, "Popen", lambda *a, **k: ran.append(a))
+    done = [demo.Step("a", ["x.py"], lambda: True), demo.Step("b", ["y.py"], lambda: True)]
+    demo.run_stage(1, 2, done[:1])
+    demo.run_stage(1, 2, done)
+    assert ran == [] and capsys.readouterr().out.count("done already, reused") == 3
