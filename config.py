@@ -62,6 +62,12 @@ INIT_FROM = None
 # GAN, the private one and its non-private reference (None: BATCH_SIZE, as the public GAN). A larger batch at the same
 # epsilon takes fewer, less noisy steps (presets/demo.py).
 FINETUNE_BATCH_SIZE = None
+# The critic's learning rate of a non-private reference that trains on the patients beside private GANs (demo.py's
+# reference, sweep.py's noise-inf jobs; None: LRD, the private GANs' own). Adam divides each step by the scale of
+# the gradients it sees, so a DP critic whose noise is r times its signal moves along its gradient about r times
+# slower than LRD; a reference critic at LRD keeps the same start and updates but learns several times faster than
+# the private critic it is compared with (presets/demo.py).
+REFERENCE_LRD = None
 BATCH_SIZE = 32
 N_DISCR = 5
 # Bie et al.'s adaptive n_D (utils/critic_schedule.py): None, n_D fixed at N_DISCR (the paper); a threshold (their 0.6

@@ -3,8 +3,9 @@
 Runs the real scripts with the demo preset (DPGAN_PRESET=demo) in demo_data/ and demo_work/:
 phantoms (skull-stripped as they are read, config.SKULL_STRIP) -> patches -> a GAN on "public" phantoms (other
 patients: they stand in for a public labelled dataset) -> two GANs started from the public one (run_gan.py
---init_from) and trained on the training patches with the same recipe and number of updates, one with DP and one
-without, so that their rows differ by privacy alone -> synthetic sets (and their release bundles) ->
+--init_from) and trained on the training patches with the same batch and number of updates, one with DP and one
+without (whose critic learns at config.REFERENCE_LRD, about the pace of the DP critic), so that their rows differ by
+privacy, not by start or budget -> synthetic sets (and their release bundles) ->
 membership-inference audit of each set and of a copy of the training patches (the positive control) -> U-Nets
 on real and on each synthetic set -> evaluation -> one side-by-side table. A step whose output exists is skipped, so
 running it again reuses what is there (delete demo_work/ to start over). `make utility` runs the same steps with
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
 from utils import common, data, phantoms, privacy  # noqa: E402
 from utils.audit import audit_paths  # noqa: E402
+from utils.sweep import reference_flags  # noqa: E402
 
 TARGET_EPSILON = 8.0  # the private GAN's strict (valid) epsilon: single-digit, as in the paper's best model
 # The epochs on the training patches of the private GAN and of its non-private reference, both trained on from the
@@ -172,7 +174,8 @@ def demo_stages(noisem):
     def gan(trial):
         sigma, epochs = trials[trial]
         return Step(f"DP-GAN {trial} (noise {sigma}, {epochs} epochs from the public GAN)",
-                    gan_args(trial, sigma, epochs) + finetune_flags(), lambda: gan_done(trial, epochs))
+                    gan_args(trial, sigma, epochs) + finetune_flags() + reference_flags(sigma, config.REFERENCE_LRD),
+                    lambda: gan_done(trial, epochs))
 
     def synthesis_and_audit(trial):
         epochs = trials[trial][1]

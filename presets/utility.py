@@ -5,3 +5,6 @@ _BASE = "demo"
 # 16 // 3 = 5 epochs at batch 128 (demo.py PRIVATE_EPOCHS, config.FINETUNE_BATCH_SIZE).
 NGF = 16
 EPOCHS = 16
+# Its reference, 470 updates at the private GAN's LRD, scored 0.736-0.764 over GAN seeds 12-14 above the private
+# GAN's 0.638-0.696 (docs/2026-12-03-utility-run.md); the demo's slower reference critic was not measured here.
+REFERENCE_LRD = None

@@ -51,6 +51,19 @@ RECIPES = {
                     ["--batch_size", "128", "--lrd", "5e-5", "--lrg", "5e-5"], 2, False, True),
     "np_b128_lr16": ("non-private reference at a sixteenth of the learning rate: public start, n_D 1, batch 128, "
                      "2 epochs", ["--batch_size", "128", "--lrd", "1.25e-5", "--lrg", "1.25e-5"], 2, False, True),
+    "np_b128_lrd10": ("non-private reference with the critic at a tenth of the learning rate (2e-5; the generator's "
+                      "stays 2e-4): public start, n_D 1, batch 128, 2 epochs",
+                      ["--batch_size", "128", "--lrd", "2e-5"], 2, False, True),
+    "np_b128_lrd4": ("non-private reference with the critic at a quarter of the learning rate (5e-5; the generator's "
+                     "stays 2e-4): public start, n_D 1, batch 128, 2 epochs",
+                     ["--batch_size", "128", "--lrd", "5e-5"], 2, False, True),
+    "np_b128_lrd40": ("non-private reference with the critic at a fortieth of the learning rate (5e-6; the "
+                      "generator's stays 2e-4): public start, n_D 1, batch 128, 2 epochs",
+                      ["--batch_size", "128", "--lrd", "5e-6"], 2, False, True),
+    "np_b128_lrd10_4ep": ("np_b128_lrd10 for 4 epochs (twice the private row's updates)",
+                          ["--batch_size", "128", "--lrd", "2e-5"], 4, False, True),
+    "p_b128_lrd10": ("p_b128 with the critic at a tenth of the learning rate (2e-5; the generator's stays 2e-4)",
+                     ["--batch_size", "128", "--lrd", "2e-5"], 2, True, True),
     "np_b128_ema999": ("non-private reference with a slower generator EMA (0.999): public start, batch 128, 2 epochs",
                        ["--batch_size", "128", "--ema", "0.999"], 2, False, True),
     "p_b128_ema999": ("p_b128 with a slower generator EMA (0.999)", ["--batch_size", "128", "--ema", "0.999"], 2, True,
@@ -70,6 +83,7 @@ RECIPES = {
     "np_b128_8ep": ("non-private reference: public start, n_D 1, batch 128, 8 epochs", ["--batch_size", "128"], 8,
                     False, True),
     "p_b128_nd20": ("n_D 20, batch 128, 1 epoch", ["--batch_size", "128", "--n_discr", "20"], 1, True, True),
+    "p_b128_nd50": ("n_D 50, batch 128, 1 epoch", ["--batch_size", "128", "--n_discr", "50"], 1, True, True),
     "p_b128_adaptive": ("Bie et al.'s adaptive n_D (from 1, accuracy threshold 0.6, grace 200), batch 128, the "
                         "critic steps of 10 epochs at n_D 1", ["--batch_size", "128", "--adaptive_critic", "0.6",
                                                                "--adaptive_grace", "200", "--n_discr", "1"], 10, True,

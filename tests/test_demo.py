@@ -40,8 +40,12 @@ def test_private_gan_trains_the_patches_from_the_checkpoint_of_a_gan_on_other_pa
 
 def test_the_non_private_reference_has_the_private_gans_start_and_updates(monkeypatch, dirs):
     """The rows compare privacy: the non-private GAN starts from the same public GAN and trains as many epochs of
-    the same training patches; only the noise differs."""
+    the same training patches at the same batch; the noise differs, and the reference's critic learns at
+    config.REFERENCE_LRD (the private critic's pace) while the private GAN keeps the preset's LRD."""
+    import run_gan
+
     demo = load_demo(monkeypatch, dirs)
+    monkeypatch.setattr(config, "REFERENCE_LRD", 2e-5)
     gans = {step.args[2]: (i, step) for i, step in steps(demo.demo_stages(0.61)) if step.args[0] == "run_gan.py"}
     (i_np, nonprivate), (_, private) = gans[f"{config.PRESET}_nonprivate"], gans[f"{config.PRESET}_private"]
     assert i_np > gans[demo.PUBLIC_TRIAL][0]
@@ -50,6 +54,11 @@ def test_the_non_private_reference_has_the_private_gans_start_and_updates(monkey
     assert flag(nonprivate, "--epochs") == flag(private, "--epochs")
     assert flag(nonprivate, "--batch_size") == flag(private, "--batch_size") == str(demo.FINETUNE_BATCH)
     assert math.isinf(float(flag(nonprivate, "--noisem"))) and nonprivate.env is None
+    assert run_gan.parse_args(nonprivate.args[1:]).lrd == 2e-5
+    assert run_gan.parse_args(private.args[1:]).lrd == config.LRD != 2e-5
+    monkeypatch.setattr(config, "REFERENCE_LRD", None)  # a preset without one: both critics at LRD
+    gans = {step.args[2]: step for _, step in steps(demo.demo_stages(0.61)) if step.args[0] == "run_gan.py"}
+    assert run_gan.parse_args(gans[f"{config.PRESET}_nonprivate"].args[1:]).lrd == config.LRD
 
 
 def test_every_point_of_the_curve_trains_from_the_public_gan_with_the_demos_recipe(monkeypatch, dirs):

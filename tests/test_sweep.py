@@ -100,6 +100,26 @@ def test_bad_flags_are_refused(dirs, capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--executor", "cloud", "--noisem", "1", "--seeds", "1"])
     assert "--executor 'cloud'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--executor", "local", "--noisem", "inf", "--seeds", "1", "--reference_lrd", "0"])
+    assert "--reference_lrd 0.0" in capsys.readouterr().err
+
+
+def test_only_the_non_private_jobs_take_the_reference_critic_learning_rate(dirs, monkeypatch):
+    """--reference_lrd (default config.REFERENCE_LRD) reaches run_gan.py of the noise-inf jobs and no other; each
+    job's own run_gan.py flags are what submit hands it (the jobs' work is replaced by a record of their calls)."""
+    calls = {}
+    monkeypatch.setattr(sweep_module.SweepJob, "__call__",
+                        lambda self, trial, noisem, seed, epochs, gan_flags, thresh, env: calls.update(
+                            {trial: run_gan.parse_args(["--trial", trial, *gan_flags])}))
+    monkeypatch.setattr(sweep_module.config, "REFERENCE_LRD", 2e-5)
+    args, gan_flags = sweep.parse_args(["--executor", "debug", "--noisem", "inf", "0.5", "--seeds", "1", "--epochs",
+                                        "1", "--lrd", "3e-4", "--batch_size", "16"])
+    assert sweep_module.submit(args, gan_flags) == ["noiseinf_seed1", "noise0.5_seed1"]
+    assert calls["noiseinf_seed1"].lrd == 2e-5 and calls["noise0.5_seed1"].lrd == 3e-4
+    assert calls["noiseinf_seed1"].batch_size == calls["noise0.5_seed1"].batch_size == 16
+    monkeypatch.setattr(sweep_module.config, "REFERENCE_LRD", None)  # the paper preset's: every job at --lrd
+    assert sweep_module.reference_flags(float("inf"), sweep.parse_args([])[0].reference_lrd) == []
 
 
 def test_the_laptop_curve_preset_builds_on_the_demo_and_its_noise_meets_epsilon_10_5_2():

@@ -43,6 +43,12 @@ def trial_name(noisem, seed):
     return f"noise{noisem:g}_seed{seed}"
 
 
+def reference_flags(noisem, reference_lrd):
+    """run_gan.py flags that only a non-private reference takes: its critic's learning rate (config.REFERENCE_LRD),
+    after the shared flags so that it overrides theirs."""
+    return ["--lrd", f"{reference_lrd:g}"] if math.isinf(noisem) and reference_lrd is not None else []
+
+
 def set_epoch(epochs):
     """The generator epoch each job releases: the last trained one (a named epoch carries its own epsilon)."""
     return epochs - 1
@@ -228,7 +234,8 @@ def submit(args, gan_flags):
         jobs = []
         with executor.batch():
             for trial, noisem, seed in wave:
-                jobs.append(executor.submit(SweepJob(), trial, noisem, seed, args.epochs, gan_flags, args.thresh, env))
+                flags = [*gan_flags, *reference_flags(noisem, args.reference_lrd)]
+                jobs.append(executor.submit(SweepJob(), trial, noisem, seed, args.epochs, flags, args.thresh, env))
         for (trial, noisem, seed), job in zip(wave, jobs):
             registry[trial] = {"job_id": job.job_id, "executor": args.executor, "noisem": noisem, "seed": seed}
             print(f"submitted {trial}: job {job.job_id} ({args.executor})", flush=True)
@@ -248,3 +255,5 @@ def check_flags(args):
         raise PipelineError(f"--max_parallel {args.max_parallel}: must be at least 1")
     if args.epochs < 1:
         raise PipelineError(f"--epochs {args.epochs}: must be at least 1")
+    if args.reference_lrd is not None and not args.reference_lrd > 0:
+        raise PipelineError(f"--reference_lrd {args.reference_lrd}: a learning rate must be > 0")
