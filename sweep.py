@@ -38,8 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=config.EPOCHS, help="GAN epochs of every job")
     p.add_argument("--thresh", type=float, default=config.THRESH, help="label threshold of the synthetic sets")
     p.add_argument("--reference_lrd", type=float, default=config.REFERENCE_LRD,
-                   help="critic learning rate of the noise-inf jobs only (default: config.REFERENCE_LRD; none: "
-                        "the --lrd of every job)")
+                   help="critic learning rate of the noise-inf jobs only (default: config.REFERENCE_LRD; where that "
+                        "is None, every job takes --lrd)")
     p.add_argument("--executor", default=None, help="slurm or local (default: slurm when sbatch is on the PATH)")
     p.add_argument("--status", action="store_true", help="print the table of the grid's jobs; submit nothing")
     slurm = p.add_argument_group("SLURM (and local) job settings")

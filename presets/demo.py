@@ -49,10 +49,10 @@ UNET_AUGMENTATION = (True,)
 # 25, and the private set's test DSC 0.65 instead of 0.46 (docs/2026-12-03-recipe-study.md).
 FINETUNE_BATCH_SIZE = 128
 # The non-private reference's critic at a tenth of LRD: the private critic's noise is about 10 times its signal per step
-# (noise-to-signal 9.5), so under Adam it moves along its gradient about 10 times slower than LRD. At LRD the
-# reference's critic outpaces it, and its generator loses the vessel-free bright tissue in its first updates: test
-# DSC 0.246 / 0.305 / 0.395 over GAN seeds 12-14, at LRD / 10 0.588 / 0.479 / 0.539 (LRD / 4: 0.477, LRD / 40:
-# 0.576, seed 12; docs/2026-12-03-recipe-study.md, "The reference's critic").
+# (noise-to-signal 9.5), so under Adam it moves along its gradient about 10 times slower than LRD; at LRD the
+# reference's critic outpaces it. Test DSC of the reference over GAN seeds 12-14: at LRD 0.246 / 0.305 / 0.395, at
+# LRD / 10 0.588 / 0.479 / 0.539 (LRD / 4: 0.477, LRD / 40: 0.576, seed 12). The private set stays above it (mean
+# 0.614 against 0.535; docs/2026-12-03-recipe-study.md, "The reference's critic").
 REFERENCE_LRD = 2e-5
 N_SSIM_IMAGES = 200
 N_TSNE_IMAGES = 200
