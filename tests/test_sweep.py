@@ -153,3 +153,22 @@ def test_a_second_sweep_command_is_refused_while_one_submits(dirs, capsys, monke
     with pytest.raises(SystemExit):
         sweep.main(["--executor", "local", "--noisem", "1", "--seeds", "1", "--epochs", "1"])
     assert "the sweep is in use by process" in capsys.readouterr().err
+
+
+def test_status_from_another_shell_reads_a_running_local_job_as_running_not_failed(dirs, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        registry = {"noise1_seed1": {"job_id": str(job.pid), "executor": "local", "host": socket.gethostname(),
+                                     "noisem": 1.0, "seed": 1}}
+        sweep_module.registry_path().parent.mkdir(parents=True)
+        sweep_module.registry_path().write_text(json.dumps(registry))
+        status = ["--executor", "local", "--noisem", "1", "--seeds", "1", "--epochs", "1", "--status"]
+        assert sweep.main(status)[0]["state"] == "running"
+    finally:
+        job.kill()
+        job.wait()
+    assert sweep.main(status)[0]["state"] == "failed"  # its process gone without a result

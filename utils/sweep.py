@@ -12,6 +12,7 @@ remembers which job runs which trial, so that a second identical command submits
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from utils.common import (
     synthetic_path,
     unet_dir,
 )
+from utils.locks import process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_KEYS = ("DPGAN_PRESET", "DPGAN_DATA_DIR", "DPGAN_WORK_DIR")
@@ -160,11 +162,16 @@ def trial_state(trial, entry, thresh, epochs):
         return "done", ""
     if entry is None:
         return "not submitted", ""
+    # submitit knows a local job's process only in the command that started it; `--status` from another shell
+    # asks the operating system (a local job's id is its pid), or a running job would read as failed
+    if (entry["executor"] == "local" and entry.get("host") == socket.gethostname()
+            and process_alive(int(entry["job_id"]))):
+        return "running", ""
     job = job_of(entry)
     state = job.state.upper()
     if entry["executor"] == "slurm" and state in ("PENDING", "REQUEUED", "CONFIGURING"):
         return "pending", ""
-    if state in ("RUNNING", "COMPLETING") or (entry["executor"] == "local" and state == "RUNNING"):
+    if state in ("RUNNING", "COMPLETING"):
         return "running", ""
     return "failed", f"log: {job.paths.stderr}"
 
@@ -237,7 +244,8 @@ def submit(args, gan_flags):
                 flags = [*gan_flags, *reference_flags(noisem, args.reference_lrd)]
                 jobs.append(executor.submit(SweepJob(), trial, noisem, seed, args.epochs, flags, args.thresh, env))
         for (trial, noisem, seed), job in zip(wave, jobs):
-            registry[trial] = {"job_id": job.job_id, "executor": args.executor, "noisem": noisem, "seed": seed}
+            registry[trial] = {"job_id": job.job_id, "executor": args.executor, "host": socket.gethostname(),
+                               "noisem": noisem, "seed": seed}
             print(f"submitted {trial}: job {job.job_id} ({args.executor})", flush=True)
         save_json(registry_path(), registry)
         if args.executor != "slurm":
