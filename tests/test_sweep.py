@@ -35,6 +35,10 @@ def test_grid_runs_to_the_summary_resumes_a_killed_trial_and_a_second_run_submit
     rows = sweep.main(grid)
     assert [r["state"] for r in rows] == ["done"] * 2, sweep_module.format_status(rows)
     assert all(0 <= r["test_dsc"] <= 1 for r in rows)
+    import socket
+
+    registry = json.loads((phantoms / "sweep" / "jobs.json").read_text())
+    assert {e["host"] for e in registry.values()} == {socket.gethostname()}  # what --status elsewhere asks
     assert rows[0]["epsilon"] == rows[1]["epsilon"] > 0  # same noise, same accounting
     steps = [sum(h[2] for h in load_checkpoint(checkpoint_path(f"noise2_seed{s}", 1))["accountant"]["history"])
              for s in (1, 2)]
@@ -155,20 +159,34 @@ def test_a_second_sweep_command_is_refused_while_one_submits(dirs, capsys, monke
     assert "the sweep is in use by process" in capsys.readouterr().err
 
 
-def test_status_from_another_shell_reads_a_running_local_job_as_running_not_failed(dirs, capsys):
+def test_status_from_another_shell_reads_a_running_local_job_as_running_and_a_reused_pid_as_not(dirs):
     import socket
     import subprocess
     import sys
 
-    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        registry = {"noise1_seed1": {"job_id": str(job.pid), "executor": "local", "host": socket.gethostname(),
-                                     "noisem": 1.0, "seed": 1}}
-        sweep_module.registry_path().parent.mkdir(parents=True)
-        sweep_module.registry_path().write_text(json.dumps(registry))
-        status = ["--executor", "local", "--noisem", "1", "--seeds", "1", "--epochs", "1", "--status"]
-        assert sweep.main(status)[0]["state"] == "running"
-    finally:
-        job.kill()
-        job.wait()
+    logs = sweep_module.sweep_dir() / "logs"
+    status = ["--executor", "local", "--noisem", "1", "--seeds", "1", "--epochs", "1", "--status"]
+    controller = ["submitit.local._local", str(logs / "%j")]  # the argv of submitit's local controller
+
+    def state_of(argv, ended=False):
+        """The status of trial noise1_seed1 whose registered local job is a live process run with argv (ended:
+        with the result file submitit writes when a job ends)."""
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
+        try:
+            registry = {"noise1_seed1": {"job_id": str(process.pid), "executor": "local",
+                                         "host": socket.gethostname(), "noisem": 1.0, "seed": 1}}
+            sweep_module.registry_path().parent.mkdir(parents=True, exist_ok=True)
+            sweep_module.registry_path().write_text(json.dumps(registry))
+            if ended:
+                result = sweep_module.job_of(registry["noise1_seed1"]).paths.result_pickle
+                result.parent.mkdir(parents=True, exist_ok=True)
+                result.write_bytes(b"")
+            return sweep.main(status)[0]["state"]
+        finally:
+            process.kill()
+            process.wait()
+
+    assert state_of(controller) == "running"
     assert sweep.main(status)[0]["state"] == "failed"  # its process gone without a result
+    assert state_of(["some", "other", "program"]) == "failed"  # its pid reused by another process
+    assert state_of(controller, ended=True) != "running"  # a job that ended, its controller not yet reaped

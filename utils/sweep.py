@@ -155,6 +155,26 @@ def job_of(entry):
     return job_class(folder=folder, job_id=entry["job_id"])
 
 
+def local_job_running(entry, job):
+    """Whether a local job's controller still runs. submitit knows its process only in the command that started it,
+    so `--status` from another shell asks the operating system: a local job's id is its controller's pid, and a pid
+    counts only on the host that recorded it, without a result (submitit writes one when the job ends, failed or
+    not) and, where /proc shows it, running submitit's controller on this sweep's log folder (a pid reused by
+    another process, or a zombie, does not)."""
+    if entry["executor"] != "local" or entry.get("host") != socket.gethostname():
+        return False
+    pid = int(entry["job_id"]) if str(entry["job_id"]).isdigit() else 0
+    if pid <= 0 or not process_alive(pid) or job.paths.result_pickle.exists():
+        return False
+    if not Path("/proc").is_dir():  # macOS: the pid and the missing result are all there is to ask
+        return True
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # gone since
+        return False
+    return "submitit.local._local" in argv and any(str(sweep_dir() / "logs") in a for a in argv)
+
+
 def trial_state(trial, entry, thresh, epochs):
     """(state, detail): done / running / pending / failed (detail: the log) / not submitted."""
     name = synthetic_name(trial, set_epoch(epochs), thresh)
@@ -162,12 +182,9 @@ def trial_state(trial, entry, thresh, epochs):
         return "done", ""
     if entry is None:
         return "not submitted", ""
-    # submitit knows a local job's process only in the command that started it; `--status` from another shell
-    # asks the operating system (a local job's id is its pid), or a running job would read as failed
-    if (entry["executor"] == "local" and entry.get("host") == socket.gethostname()
-            and process_alive(int(entry["job_id"]))):
-        return "running", ""
     job = job_of(entry)
+    if local_job_running(entry, job):
+        return "running", ""
     state = job.state.upper()
     if entry["executor"] == "slurm" and state in ("PENDING", "REQUEUED", "CONFIGURING"):
         return "pending", ""
